@@ -1,0 +1,37 @@
+"""topk-bench: a benchmarking harness for top-k classification losses."""
+from __future__ import annotations
+
+from typing import Any
+
+from harness.registry import (
+    DATASETS,
+    LOSSES,
+    MODELS,
+    Entry,
+    Param,
+    RegistryError,
+    TrainingProgress,
+    register_dataset,
+    register_loss,
+    register_model,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "DATASETS", "LOSSES", "MODELS", "Entry", "Param", "RegistryError", "TrainingProgress",
+    "build_loss", "list_losses", "register_dataset", "register_loss", "register_model",
+]
+
+
+def build_loss(name: str, num_classes: int, **params: Any):
+    """Build a registered loss by name; parameters are validated against its schema."""
+    entry = LOSSES.get(name)
+    reason = entry.unavailable_reason
+    if reason:
+        raise RegistryError(f"loss '{name}' is unavailable: {reason}")
+    return entry.obj(num_classes=num_classes, **entry.validate_params(params, where=name))
+
+
+def list_losses() -> list[Entry]:
+    """Every registered loss (available or not) with its metadata and parameter schema."""
+    return LOSSES.entries()

@@ -1,0 +1,2 @@
+"""Built-in losses: importing this package registers every family."""
+from losses import softmax  # noqa: F401
