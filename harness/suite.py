@@ -1,0 +1,206 @@
+"""Suite files: schema (pydantic, extra keys forbidden), YAML/TOML loading, grid expansion.
+
+A list value in dataset/model/loss params is a grid axis; for a parameter whose own type is a
+list (e.g. difftopk's `p_k`) a list *of lists* is the axis. Every error is one line naming the
+file and the key path.
+"""
+from __future__ import annotations
+
+import difflib
+import itertools
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from harness.registry import DATASETS, LOSSES, MODELS, Registry, RegistryError
+from harness.spec import Component, RunSpec
+
+
+class SuiteError(ValueError):
+    """A one-line, user-facing problem with a suite file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Named(_Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Optimizer(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+
+
+class Schedule(_Strict):
+    name: Literal["none", "cosine", "step"] = "none"
+    step_size: int = Field(30, ge=1)
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class Train(_Strict):
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    eval_batch_size: int = Field(1024, ge=1)
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    schedule: Schedule = Field(default_factory=Schedule)
+    amp: Literal["none", "bf16"] = "none"
+    channels_last: bool = False
+    compile: bool = False
+    checkpoint: bool = False
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class Eval(_Strict):
+    k: list[int] = Field(default_factory=lambda: [1, 5], min_length=1)
+    primary: str = "top1"
+    select: Literal["best_val", "last"] = "best_val"
+
+
+class Resources(_Strict):
+    device: str = "auto"
+    timeout_min: float = Field(60.0, gt=0)
+    executor: Literal["inline", "local", "slurm"] = "inline"
+    workers: int = Field(1, ge=1)
+    slurm: dict[str, Any] = Field(default_factory=dict)
+
+
+class SuiteModel(_Strict):
+    suite: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    seeds: list[int] = Field(min_length=1)
+    dataset: Named
+    model: Named
+    train: Train
+    eval: Eval = Field(default_factory=Eval)
+    losses: list[str | Named] = Field(min_length=1)
+    resources: Resources = Field(default_factory=Resources)
+
+
+class Suite:
+    """A validated suite file and its expanded runs."""
+
+    def __init__(self, path: Path, model: SuiteModel, runs: list[RunSpec]) -> None:
+        self.path, self.model, self.runs = path, model, runs
+
+    @property
+    def name(self) -> str:
+        return self.model.suite
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise SuiteError(f"{path}: no such suite file")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        first = " ".join(str(exc).split())
+        raise SuiteError(f"{path}: invalid {'TOML' if path.suffix == '.toml' else 'YAML'}: {first}") from None
+    if not isinstance(data, dict):
+        raise SuiteError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (sub)model reached by `loc`, for did-you-mean hints."""
+    current: Any = model
+    for part in loc[:-1]:
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields:
+            continue
+        ann = fields[part].annotation
+        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _pydantic_message(path: Path, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in ("str", "Named")))
+    key = ".".join(str(p) for p in loc) or "<top>"
+    if err["type"] == "extra_forbidden":
+        allowed = _fields_at(SuiteModel, loc)
+        match = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.5)
+        hint = f" (did you mean '{match[0]}'?)" if match else ""
+        return f"{path}: {key}: unknown key{hint}; allowed: {', '.join(allowed)}"
+    if err["type"] == "missing":
+        return f"{path}: {key}: required key is missing"
+    return f"{path}: {key}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _axes(entry_params: dict, values: dict, where: str) -> list[dict]:
+    """Expand list-valued params into a grid of concrete param dicts."""
+    keys, choices = [], []
+    for key, value in values.items():
+        schema = entry_params.get(key)
+        wants_list = schema is not None and (
+            schema.type is list or (isinstance(schema.type, tuple) and list in schema.type)
+        )
+        is_axis = isinstance(value, list) and (not wants_list or (value and all(isinstance(v, list) for v in value)))
+        if is_axis and not value:
+            raise SuiteError(f"{where}.{key}: empty grid axis (a list needs at least one value)")
+        keys.append(key)
+        choices.append(value if is_axis else [value])
+    return [dict(zip(keys, combo)) for combo in itertools.product(*choices)]
+
+
+def _components(registry: Registry, named: Named, where: str) -> list[Component]:
+    try:
+        entry = registry.get(named.name, where=f"{where}.name")
+        if entry.unavailable_reason:
+            raise SuiteError(f"{where}.name: {registry.kind} '{named.name}' is unavailable: {entry.unavailable_reason}")
+        return [
+            Component(entry.name, entry.version, entry.validate_params(p, where=f"{where}.params"))
+            for p in _axes(entry.params, named.params, f"{where}.params")
+        ]
+    except RegistryError as exc:
+        raise SuiteError(str(exc)) from None
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read, validate and expand a suite file; raises SuiteError with a one-line message."""
+    path = Path(path)
+    data = _read(path)
+    try:
+        model = SuiteModel.model_validate(data)
+    except ValidationError as exc:
+        raise SuiteError(_pydantic_message(path, exc)) from None
+    try:
+        datasets = _components(DATASETS, model.dataset, "dataset")
+        models = _components(MODELS, model.model, "model")
+        losses = [
+            comp
+            for i, item in enumerate(model.losses)
+            for comp in _components(LOSSES, Named(name=item) if isinstance(item, str) else item, f"losses[{i}]")
+        ]
+    except SuiteError as exc:
+        raise SuiteError(f"{path}: {exc}") from None
+    primary_ok = {f"top{k}" for k in model.eval.k} | {"k99"}
+    if model.eval.primary not in primary_ok:
+        raise SuiteError(f"{path}: eval.primary: '{model.eval.primary}' is not one of {sorted(primary_ok)}")
+    for ds in datasets:
+        num_classes = DATASETS.get(ds.name).extra["num_classes"](ds.params)
+        if max(model.eval.k) > num_classes:
+            raise SuiteError(f"{path}: eval.k: {max(model.eval.k)} exceeds the {num_classes} classes of {ds.label()}")
+        for i, loss in enumerate(losses):
+            try:  # catch constraints that depend on the number of classes (k < n, m < n, …)
+                LOSSES.get(loss.name).obj(num_classes=num_classes, **loss.params)
+            except (ValueError, TypeError) as exc:
+                raise SuiteError(f"{path}: losses: {loss.label()} with {num_classes} classes: {exc}") from None
+    train, evaluation = model.train.model_dump(), model.eval.model_dump()
+    runs = [
+        RunSpec(loss=loss, dataset=ds, model=m, train=train, eval=evaluation, seed=seed)
+        for ds in datasets for m in models for loss in losses for seed in model.seeds
+    ]
+    if len({r.run_id for r in runs}) != len(runs):
+        raise SuiteError(f"{path}: losses: the same run appears twice (duplicate loss entries or seeds)")
+    return Suite(path, model, runs)

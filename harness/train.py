@@ -1,0 +1,300 @@
+"""One run: build data, model and loss from a RunSpec, train, evaluate every epoch, measure."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from harness import measure
+from harness.data.base import DataBundle, Split
+from harness.metrics import summarize, true_label_rank
+from harness.registry import DATASETS, LOSSES, MODELS, TrainingProgress
+from harness.spec import RunSpec
+from harness.store import RunStore
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class RunTimeout(RuntimeError):
+    """The run exceeded its time budget."""
+
+
+@dataclass
+class History:
+    """Per-epoch metrics (curves kept in memory for the selected epochs only)."""
+
+    epochs: list[dict] = field(default_factory=list)
+    curves: list[dict] = field(default_factory=list)  # {"val": [...], "test": [...]} per epoch
+
+
+def _optimizer(params, cfg: dict) -> torch.optim.Optimizer:
+    opt = cfg["optimizer"]
+    if opt["name"] == "sgd":
+        return torch.optim.SGD(params, lr=opt["lr"], momentum=opt["momentum"], weight_decay=opt["weight_decay"])
+    cls = torch.optim.Adam if opt["name"] == "adam" else torch.optim.AdamW
+    return cls(params, lr=opt["lr"], weight_decay=opt["weight_decay"])
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: dict):
+    sched, epochs = cfg["schedule"], cfg["epochs"]
+    if sched["name"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if sched["name"] == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=sched["step_size"], gamma=sched["gamma"])
+    return None
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def _ranks(model: torch.nn.Module, split: Split, device: torch.device, cfg: dict) -> np.ndarray:
+    model.eval()
+    out = []
+    for xb, yb in split.batches(cfg["eval_batch_size"], device):
+        if cfg["channels_last"] and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, cfg["amp"]):
+            scores = model(xb)
+        out.append(true_label_rank(scores.float(), yb).cpu())
+    return torch.cat(out).numpy()
+
+
+class Trainer:
+    """Trains one RunSpec on one device; checkpoints every epoch when asked to."""
+
+    def __init__(self, spec: RunSpec, device: torch.device, checkpoint: Path | None, deadline: float) -> None:
+        self.spec, self.device, self.checkpoint_path, self.deadline = spec, device, checkpoint, deadline
+        self.cfg = spec.train
+        torch.manual_seed(spec.seed)
+        self.generator = torch.Generator().manual_seed(spec.seed)
+        ds = DATASETS.get(spec.dataset.name)
+        self.data: DataBundle = ds.obj(seed=spec.seed, **spec.dataset.params)
+        self.splits = {
+            "train": self.data.train.to(device),
+            "val": self.data.val.to(device),
+            "test": (self.data.test or self.data.val).to(device),
+        }
+        n = self.data.num_classes
+        self.model = MODELS.get(spec.model.name).obj(self.data.input_shape, n, **spec.model.params).to(device)
+        if self.cfg["channels_last"]:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.loss_fn = LOSSES.get(spec.loss.name).obj(num_classes=n, **spec.loss.params).to(device)
+        self.optimizer = _optimizer(list(self.model.parameters()) + list(self.loss_fn.parameters()), self.cfg)
+        self.scheduler = _scheduler(self.optimizer, self.cfg)
+        self.forward = torch.compile(self.model) if self.cfg["compile"] else self.model
+        self.history = History()
+        self.step = 0
+        self.start_epoch = 0
+        self.train_rank_hist = torch.zeros(n + 1, device=device)
+        self.resumed_from: int | None = None
+        self._maybe_resume()
+
+    # ---- checkpointing -------------------------------------------------------------------
+    def _state(self, epoch: int) -> dict:
+        return {
+            "epoch": epoch, "step": self.step, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "loss": self.loss_fn.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "history": self.history, "train_rank_hist": self.train_rank_hist,
+        }
+
+    def _save_checkpoint(self, epoch: int) -> None:
+        if self.checkpoint_path is None:
+            return
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(self._state(epoch), tmp)
+        tmp.replace(self.checkpoint_path)
+
+    def _maybe_resume(self) -> None:
+        if self.checkpoint_path is None or not self.checkpoint_path.is_file():
+            return
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loss_fn.load_state_dict(state["loss"])
+        if self.scheduler and state["scheduler"]:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.history, self.step = state["history"], state["step"]
+        self.train_rank_hist = state["train_rank_hist"].to(self.device)
+        self.start_epoch = self.resumed_from = state["epoch"] + 1
+        log.info("resumed %s from epoch %d", self.spec.run_id, state["epoch"])
+
+    # ---- training ------------------------------------------------------------------------
+    def _progress(self, epoch: int, steps_per_epoch: int) -> TrainingProgress:
+        hist = self.train_rank_hist[1:].cpu()
+        total = float(hist.sum())
+        acc = (hist.cumsum(0) / total).tolist() if total else []
+        return TrainingProgress(epoch, self.cfg["epochs"], self.step, steps_per_epoch,
+                                {k + 1: a for k, a in enumerate(acc)})
+
+    def _train_epoch(self, epoch: int) -> tuple[float, float, torch.Tensor]:
+        self.model.train()
+        train = self.splits["train"]
+        steps_per_epoch = math.ceil(len(train) / self.cfg["batch_size"])
+        wants_progress = hasattr(self.loss_fn, "on_progress")
+        total_loss, batches, last_scores = 0.0, 0, None
+        measure.synchronize(self.device)
+        start = time.perf_counter()
+        for xb, yb in train.batches(self.cfg["batch_size"], self.device, self.generator):
+            if self.data.train_transform is not None:
+                xb = self.data.train_transform(xb, self.generator)
+            if self.cfg["channels_last"] and xb.dim() == 4:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            if wants_progress:
+                self.loss_fn.on_progress(self._progress(epoch, steps_per_epoch))
+            with _autocast(self.device, self.cfg["amp"]):
+                scores = self.forward(xb)
+            scores = scores.float()
+            loss = self.loss_fn(scores, yb)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch}, step {self.step}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
+            self.optimizer.step()
+            if wants_progress:
+                ranks = true_label_rank(scores.detach(), yb)
+                self.train_rank_hist += torch.bincount(ranks, minlength=self.train_rank_hist.numel())
+            total_loss += loss.detach()
+            batches += 1
+            self.step += 1
+            last_scores = (scores.detach(), yb)
+        if self.scheduler:
+            self.scheduler.step()
+        measure.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        if wants_progress:  # running accuracy restarts each epoch
+            self.train_rank_hist.zero_()
+        return float(total_loss) / max(1, batches), seconds, last_scores
+
+    def _evaluate(self) -> tuple[dict, dict]:
+        n, ks = self.data.num_classes, self.spec.eval["k"]
+        out, curves = {}, {}
+        for name in ("val", "test"):
+            split = self.splits[name]
+            ranks = _ranks(self.model, split, self.device, self.cfg)
+            summary = summarize(ranks, split.y.cpu().numpy(), n, ks)
+            curves[name] = summary.pop("curve")
+            out[name] = summary
+        return out, curves
+
+    def fit(self) -> tuple[dict, torch.Tensor | None]:
+        last_batch = None
+        for epoch in range(self.start_epoch, self.cfg["epochs"]):
+            train_loss, seconds, last_batch = self._train_epoch(epoch)
+            metrics, curves = self._evaluate()
+            steps = math.ceil(len(self.splits["train"]) / self.cfg["batch_size"])
+            self.history.epochs.append({"epoch": epoch, "train_loss": train_loss, "epoch_seconds": seconds,
+                                        "step_seconds": seconds / steps, **metrics})
+            self.history.curves.append(curves)
+            log.info("%s epoch %d loss %.4f val top1 %.4f", self.spec.run_id, epoch, train_loss,
+                     metrics["val"].get("top1", float("nan")))
+            self._save_checkpoint(epoch)
+            if time.monotonic() > self.deadline and epoch + 1 < self.cfg["epochs"]:
+                raise RunTimeout(f"time budget exhausted after epoch {epoch}")
+        return self._selected_metrics(), last_batch
+
+    def _selected_metrics(self) -> dict:
+        """Test metrics at the last epoch and at the best validation epoch of each metric."""
+        epochs = self.history.epochs
+        keys = [k for k in epochs[-1]["val"] if k != "k99"] + ["k99"]
+        best_epoch = {}
+        for key in keys:
+            values = [e["val"][key] for e in epochs]
+            best_epoch[key] = int(np.argmin(values) if key == "k99" else np.argmax(values))
+        primary = self.spec.eval["primary"]
+        return {
+            "test": {
+                "last": epochs[-1]["test"],
+                "best_val": {k: epochs[best_epoch[k]]["test"][k] for k in keys},
+            },
+            "val": {"last": epochs[-1]["val"], "best": {k: epochs[best_epoch[k]]["val"][k] for k in keys}},
+            "best_val_epoch": best_epoch,
+            "last_epoch": epochs[-1]["epoch"],
+            "curve_test_last": self.history.curves[-1]["test"],
+            "curve_test_best_val": self.history.curves[best_epoch[primary]]["test"],
+        }
+
+    def loss_timing(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict:
+        """Loss forward+backward on real logits, side by side with F.cross_entropy."""
+        scores, labels = batch
+        x = scores.clone().requires_grad_(True)
+
+        def run(fn):
+            def call():
+                x.grad = None
+                fn(x, labels).backward()
+            return measure.time_call(call, self.device, repeats=10, warmup=3)
+
+        loss_s, ce_s = run(self.loss_fn), run(F.cross_entropy)
+        return {"loss_fwd_bwd_ms": loss_s * 1e3, "ce_fwd_bwd_ms": ce_s * 1e3, "loss_vs_ce": loss_s / ce_s}
+
+
+def run_one(spec: RunSpec, store: RunStore, device: str = "auto", timeout_min: float = 60.0) -> dict:
+    """Train one run and write its record (whatever happens); returns the record."""
+    dev = measure.resolve_device(device)
+    started = time.time()
+    record: dict = {
+        "run_id": spec.run_id, "spec": spec.to_dict(), "status": "failed", "error": None,
+        "started": datetime.now(timezone.utc).isoformat(), "environment": measure.environment(dev),
+    }
+    trainer = None
+    try:
+        measure.reset_peak_memory(dev)
+        ckpt = store.checkpoints_dir / f"{spec.run_id}.pt" if spec.train["checkpoint"] else None
+        trainer = Trainer(spec, dev, ckpt, time.monotonic() + timeout_min * 60)
+        metrics, last_batch = trainer.fit()
+        record["metrics"] = metrics
+        history = trainer.history.epochs
+        record["timings"] = {
+            "median_step_ms": float(np.median([e["step_seconds"] for e in history]) * 1e3),
+            "median_epoch_s": float(np.median([e["epoch_seconds"] for e in history])),
+            **(trainer.loss_timing(last_batch) if last_batch is not None else {}),
+        }
+        record["status"] = "done"
+        if ckpt is not None:
+            ckpt.unlink(missing_ok=True)
+    except NonFiniteLoss as exc:
+        record.update(status="nan", error=str(exc))
+    except RunTimeout as exc:
+        record.update(status="timeout", error=str(exc))
+    except torch.cuda.OutOfMemoryError as exc:
+        record.update(status="oom", error=str(exc).split("\n")[0])
+    except Exception as exc:  # the suite goes on; the record says why
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                      traceback=traceback.format_exc(limit=8))
+        log.warning("run %s failed: %s: %s", spec.run_id, type(exc).__name__, exc)
+    if trainer is not None:
+        record["curves"] = trainer.history.epochs
+        record["resumed_from_epoch"] = trainer.resumed_from
+        record["data_info"] = trainer.data.info
+    peak, kind = measure.peak_memory_mb(dev)
+    record.update(peak_memory_mb=peak, peak_memory_kind=kind, wall_seconds=time.time() - started,
+                  finished=datetime.now(timezone.utc).isoformat())
+    store.write(record)
+    return record
