@@ -58,6 +58,8 @@ class RunStore:
             return []
         out = []
         for p in sorted(self.runs_dir.glob("*.json")):
+            if p.name.startswith("."):  # a temp file a killed writer left behind
+                continue
             rec = self.load(p.stem)
             if rec is not None:
                 out.append(rec)

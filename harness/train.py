@@ -212,7 +212,7 @@ class Trainer:
             self.history.epochs.append({"epoch": epoch, "train_loss": train_loss, "epoch_seconds": seconds,
                                         "step_seconds": seconds / steps, **metrics})
             self.history.curves.append(curves)
-            log.info("%s epoch %d loss %.4f val top1 %.4f", self.spec.run_id, epoch, train_loss,
+            log.debug("%s epoch %d loss %.4f val top1 %.4f", self.spec.run_id, epoch, train_loss,
                      metrics["val"].get("top1", float("nan")))
             self._save_checkpoint(epoch)
             if time.monotonic() > self.deadline and epoch + 1 < self.cfg["epochs"]:

@@ -1,0 +1,107 @@
+"""Leaderboards: one per (dataset, model) variant; mean ± std over seeds; missing stays missing."""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from harness.registry import DATASETS, LOSSES, MODELS, Registry
+from harness.spec import Component, RunSpec
+
+
+def variant_label(registry: Registry, comp: Component) -> str:
+    """`name[p=v,…]` listing only the parameters that differ from the registered defaults."""
+    try:
+        defaults = {k: p.default for k, p in registry.get(comp.name).params.items()}
+    except ValueError:
+        defaults = {}
+    changed = tuple(k for k, v in comp.params.items() if defaults.get(k, object()) != v)
+    return comp.label(show=changed)
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str  # record path: ("metrics", "test", "best_val", "top1") or ("timings", "median_step_ms")
+    title: str
+    higher_is_better: bool
+    path: tuple[str, ...]
+    digits: int = 2
+    scale: float = 1.0
+
+
+def columns(eval_cfg: dict) -> list[Column]:
+    sel = eval_cfg["select"]
+    cols = [Column(f"top{k}", f"top-{k} % ↑", True, ("metrics", "test", sel, f"top{k}"), 2, 100.0)
+            for k in eval_cfg["k"]]
+    cols.append(Column("k99", "k@99 % ↓", False, ("metrics", "test", sel, "k99"), 1))
+    cols.append(Column("step_ms", "step ms ↓", False, ("timings", "median_step_ms"), 2))
+    cols.append(Column("loss_vs_ce", "loss/CE time ↓", False, ("timings", "loss_vs_ce"), 2))
+    return cols
+
+
+def _get(record: dict, path: tuple[str, ...]) -> float | None:
+    cur = record
+    for part in path:
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return float(cur) if isinstance(cur, (int, float)) else None
+
+
+@dataclass
+class Board:
+    """One leaderboard table plus its footnotes."""
+
+    dataset: str
+    model: str
+    table: pd.DataFrame
+    footnotes: list[str] = field(default_factory=list)
+    curves: dict[str, np.ndarray] = field(default_factory=dict)  # loss label -> mean test top-k curve
+
+
+def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict) -> list[Board]:
+    """Group the suite's expected runs into leaderboards; cells of incomplete rows are '—'."""
+    cols = columns(eval_cfg)
+    primary = next(c for c in cols if c.key == eval_cfg["primary"])
+    groups: dict[tuple[str, str], dict[str, list[RunSpec]]] = defaultdict(lambda: defaultdict(list))
+    for spec in runs:
+        key = (variant_label(DATASETS, spec.dataset), variant_label(MODELS, spec.model))
+        groups[key][variant_label(LOSSES, spec.loss)].append(spec)
+    boards = []
+    for (ds, model), by_loss in groups.items():
+        rows, notes, curves = [], [], {}
+        for label, specs in by_loss.items():
+            recs = [records.get(s.run_id) for s in specs]
+            done = [r for r in recs if r is not None and r["status"] == "done"]
+            row = {"loss": label, "n": f"{len(done)}/{len(specs)}"}
+            complete = len(done) == len(specs)
+            if not complete:
+                statuses = defaultdict(int)
+                for r in recs:
+                    statuses["missing" if r is None else r["status"]] += 1
+                detail = ", ".join(f"{v} {k}" for k, v in sorted(statuses.items()) if k != "done")
+                notes.append(f"{label}: {detail} of {len(specs)} seeds — cells left empty, not averaged")
+            for col in cols:
+                values = [_get(r, col.path) for r in done]
+                if not complete or any(v is None for v in values):
+                    row[col.title] = "—"
+                    row[f"_{col.key}"] = np.nan
+                    continue
+                arr = np.array(values) * col.scale
+                std = arr.std(ddof=1) if len(arr) > 1 else 0.0
+                row[col.title] = f"{arr.mean():.{col.digits}f} ± {std:.{col.digits}f}"
+                row[f"_{col.key}"] = arr.mean()
+            if complete and all(r.get("metrics", {}).get("curve_test_last") for r in done):
+                curves[label] = np.mean([r["metrics"]["curve_test_last"] for r in done], axis=0)
+            rows.append(row)
+        table = pd.DataFrame(rows)
+        score = table[f"_{primary.key}"]
+        table.insert(0, "rank", score.rank(ascending=not primary.higher_is_better, method="min"))
+        table["rank"] = table["rank"].map(lambda r: "—" if pd.isna(r) else str(int(r)))
+        table = table.assign(_sort=score if primary.higher_is_better else -score)
+        table = table.sort_values("_sort", ascending=False, na_position="last")
+        hidden = [c for c in table.columns if c.startswith("_")]
+        boards.append(Board(ds, model, table.drop(columns=hidden).reset_index(drop=True), notes, curves))
+    return boards

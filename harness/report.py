@@ -1,0 +1,103 @@
+"""Markdown report with leaderboards and plots, rebuilt from the records alone."""
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
+from harness import leaderboard  # noqa: E402
+from harness.leaderboard import Board  # noqa: E402
+from harness.registry import LOSSES  # noqa: E402
+from harness.store import RunStore  # noqa: E402
+from harness.suite import Suite  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:80] or "board"
+
+
+def _plot_curves(board: Board, path: Path, max_k: int) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, curve in board.curves.items():
+        k = min(max_k, len(curve))
+        ax.plot(range(1, k + 1), 100 * curve[:k], label=label, linewidth=1.2)
+    ax.set_xlabel("k")
+    ax.set_ylabel("test top-k accuracy (%)")
+    ax.set_title(f"{board.dataset} / {board.model}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _environment_line(records: list[dict]) -> str:
+    envs = Counter(
+        (r["environment"].get("torch"), r["environment"].get("device_name"), r["environment"].get("git_sha"))
+        for r in records if r.get("environment")
+    )
+    if not envs:
+        return "no runs recorded yet"
+    return "; ".join(f"torch {t}, device {d}, git {g} ({n} runs)" for (t, d, g), n in envs.most_common())
+
+
+def write_report(suite: Suite, store: RunStore) -> Path:
+    """Write `<results>/<suite>/report.md`, leaderboard CSVs and plots; return the report path."""
+    by_id = {r["run_id"]: r for r in store.records()}
+    expected = {s.run_id for s in suite.runs}
+    records = [by_id[i] for i in expected if i in by_id]
+    counts = Counter(r["status"] for r in records)
+    missing = len(expected) - len(records)
+    eval_cfg = suite.runs[0].eval
+    boards = leaderboard.build(suite.runs, by_id, eval_cfg)
+    plots = store.root / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"# Report: {suite.name}",
+        "",
+        suite.model.description.strip(),
+        "",
+        f"- generated: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from `{suite.path}`",
+        f"- runs: {len(expected)} expected — {counts.get('done', 0)} done, "
+        + ", ".join(f"{counts[s]} {s}" for s in ("failed", "nan", "oom", "timeout") if counts.get(s))
+        + (", " if any(counts.get(s) for s in ("failed", "nan", "oom", "timeout")) else "")
+        + f"{missing} missing",
+        f"- environment: {_environment_line(records)}",
+        f"- metrics: test split, model selected by `{eval_cfg['select']}` (per metric); "
+        f"ranked by `{eval_cfg['primary']}`; mean ± std over seeds (sample std); "
+        "ties in scores count against the true label",
+        "",
+    ]
+    for board in boards:
+        slug = _slug(f"{board.dataset}-{board.model}")
+        board.table.to_csv(store.root / f"leaderboard-{slug}.csv", index=False)
+        lines += [f"## {board.dataset} · {board.model}", "",
+                  tabulate(board.table, headers="keys", tablefmt="github", showindex=False), ""]
+        lines += [f"- ⚠ {note}" for note in board.footnotes]
+        if board.curves:
+            png = plots / f"topk-{slug}.png"
+            _plot_curves(board, png, max_k=max(20, 2 * max(eval_cfg["k"])))
+            lines += ["", f"![top-k curves]({png.relative_to(store.root)})", ""]
+    failed = [r for r in records if r["status"] != "done"]
+    if failed:
+        lines += ["## Runs that did not finish", ""]
+        lines += [f"- `{r['run_id']}` {r['spec']['loss']['name']} seed {r['spec']['seed']}: "
+                  f"**{r['status']}** — {(r.get('error') or '').splitlines()[0] if r.get('error') else ''}"
+                  for r in failed]
+        lines.append("")
+    lines += ["## Run records", "", "Every number above comes from these files in `runs/`:", ""]
+    lines += [f"- `{s.run_id}` {leaderboard.variant_label(LOSSES, s.loss)} · seed {s.seed} · {by_id[s.run_id]['status'] if s.run_id in by_id else 'missing'}"
+              for s in suite.runs]
+    path = store.root / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
