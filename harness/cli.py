@@ -34,9 +34,9 @@ def cmd_list(args: argparse.Namespace) -> int:
             params = "; ".join(f"{k}: {p.describe()}" for k, p in e.params.items()) or "—"
             status = "ok" if e.available else f"unavailable: {e.unavailable_reason}"
             rows.append([e.name, e.family or "", e.version, status, params])
-        print(f"\n{registry.kind}s:")
+        print(f"\n{registry.kind}{'es' if registry.kind.endswith('s') else 's'}:")
         print(tabulate(rows, headers=["name", "family", "version", "status", "parameters"], tablefmt="simple",
-                       maxcolwidths=[None, None, None, 30, 90]))
+                       maxcolwidths=[None, None, None, None, 80]))
     return 0
 
 

@@ -102,7 +102,9 @@ def _read(path: Path) -> dict:
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-        first = " ".join(str(exc).split())
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        first = where + " ".join(str(getattr(exc, "problem", None) or exc).split())
         raise SuiteError(f"{path}: invalid {'TOML' if path.suffix == '.toml' else 'YAML'}: {first}") from None
     if not isinstance(data, dict):
         raise SuiteError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
@@ -112,6 +114,8 @@ def _read(path: Path) -> dict:
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names of the (sub)model reached by `loc`, for did-you-mean hints."""
     current: Any = model
+    if loc and loc[0] == "losses":
+        return list(Named.model_fields)
     for part in loc[:-1]:
         fields = getattr(current, "model_fields", None)
         if fields is None or part not in fields:
@@ -124,9 +128,10 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
 
 
 def _pydantic_message(path: Path, exc: ValidationError) -> str:
-    err = exc.errors()[0]
+    errors = exc.errors()  # an unknown key explains a "missing" one next to it: report it first
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in ("str", "Named")))
-    key = ".".join(str(p) for p in loc) or "<top>"
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "<top>"
     if err["type"] == "extra_forbidden":
         allowed = _fields_at(SuiteModel, loc)
         match = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.5)
@@ -190,7 +195,7 @@ def load_suite(path: str | Path) -> Suite:
     for ds in datasets:
         num_classes = DATASETS.get(ds.name).extra["num_classes"](ds.params)
         if max(model.eval.k) > num_classes:
-            raise SuiteError(f"{path}: eval.k: {max(model.eval.k)} exceeds the {num_classes} classes of {ds.label()}")
+            raise SuiteError(f"{path}: eval.k: {max(model.eval.k)} exceeds the {num_classes} classes of dataset '{ds.name}'")
         for i, loss in enumerate(losses):
             try:  # catch constraints that depend on the number of classes (k < n, m < n, …)
                 LOSSES.get(loss.name).obj(num_classes=num_classes, **loss.params)
