@@ -63,9 +63,10 @@ def run_slurm(jobs: list[RunSpec], results_dir: Path, suite: str, device: str, t
     """One Slurm array job per suite through submitit; results are the records the jobs write."""
     import submitit
 
-    folder = Path(results_dir) / suite / "slurm" / "%j"
-    executor = submitit.AutoExecutor(folder=folder)
-    executor.update_parameters(timeout_min=int(timeout_min) + 5, **(slurm or {}))
+    params = dict(slurm or {})
+    cluster = params.pop("cluster", None)  # "debug" runs in-process (tests), "local" as subprocesses
+    executor = submitit.AutoExecutor(folder=Path(results_dir) / suite / "slurm" / "%j", cluster=cluster)
+    executor.update_parameters(timeout_min=int(timeout_min) + 5, **params)
     n = len(jobs)
     submitted = executor.map_array(
         execute, [s.to_dict() for s in jobs], [str(results_dir)] * n, [suite] * n, [device] * n, [timeout_min] * n
