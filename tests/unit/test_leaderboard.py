@@ -1,0 +1,41 @@
+"""Leaderboard aggregation: mean ± std over seeds, ranks, missing cells stay missing."""
+from __future__ import annotations
+
+import numpy as np
+
+from harness import leaderboard
+from harness.spec import Component, RunSpec
+
+EVAL = {"k": [1, 5], "primary": "top1", "select": "best_val"}
+
+
+def spec(loss: str, seed: int, **params) -> RunSpec:
+    return RunSpec(Component(loss, 1, params), Component("synthetic", 1, {}), Component("mlp", 1, {}),
+                   {"epochs": 1}, EVAL, seed)
+
+
+def record(s: RunSpec, top1: float, status: str = "done") -> dict:
+    test = {"top1": top1, "top5": 0.9, "k99": 7}
+    return {"run_id": s.run_id, "status": status, "spec": s.to_dict(),
+            "metrics": {"test": {"best_val": test, "last": test}, "curve_test_last": [top1, 0.9]},
+            "timings": {"median_step_ms": 1.0, "loss_vs_ce": 2.0}}
+
+
+def test_mean_std_rank_and_missing():
+    a = [spec("softmax", s) for s in range(3)]
+    b = [spec("softmax", s, label_smoothing=0.1) for s in range(3)]
+    c = [spec("crammer_singer", s) for s in range(3)]
+    recs = {s.run_id: record(s, v) for s, v in zip(a, [0.5, 0.6, 0.7])}
+    recs.update({s.run_id: record(s, v) for s, v in zip(b, [0.8, 0.8, 0.8])})
+    recs[c[0].run_id] = record(c[0], 0.99)
+    recs[c[1].run_id] = record(c[1], 0.99, status="nan")  # c[2] missing
+    (board,) = leaderboard.build(a + b + c, recs, EVAL)
+    table = board.table.set_index("loss")
+    assert list(board.table["loss"])[:2] == ["softmax[label_smoothing=0.1]", "softmax"]
+    assert table.loc["softmax", "top-1 % ↑"] == f"60.00 ± {np.std([50, 60, 70], ddof=1):.2f}"
+    assert table.loc["softmax", "rank"] == "2" and table.loc["softmax[label_smoothing=0.1]", "rank"] == "1"
+    # a best-looking but incomplete row is not averaged over the seeds it has
+    assert table.loc["crammer_singer", "top-1 % ↑"] == "—" and table.loc["crammer_singer", "rank"] == "—"
+    assert table.loc["crammer_singer", "n"] == "1/3"
+    assert any("1 missing, 1 nan of 3 seeds" in note for note in board.footnotes)
+    assert set(board.curves) == {"softmax", "softmax[label_smoothing=0.1]"}
