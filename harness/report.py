@@ -96,8 +96,9 @@ def write_report(suite: Suite, store: RunStore) -> Path:
                   for r in failed]
         lines.append("")
     lines += ["## Run records", "", "Every number above comes from these files in `runs/`:", ""]
-    lines += [f"- `{s.run_id}` {leaderboard.variant_label(LOSSES, s.loss)} · seed {s.seed} · {by_id[s.run_id]['status'] if s.run_id in by_id else 'missing'}"
-              for s in suite.runs]
+    for spec in suite.runs:
+        status = by_id[spec.run_id]["status"] if spec.run_id in by_id else "missing"
+        lines.append(f"- `{spec.run_id}` {leaderboard.variant_label(LOSSES, spec.loss)} · seed {spec.seed} · {status}")
     path = store.root / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -195,12 +195,14 @@ def load_suite(path: str | Path) -> Suite:
     for ds in datasets:
         num_classes = DATASETS.get(ds.name).extra["num_classes"](ds.params)
         if max(model.eval.k) > num_classes:
-            raise SuiteError(f"{path}: eval.k: {max(model.eval.k)} exceeds the {num_classes} classes of dataset '{ds.name}'")
-        for i, loss in enumerate(losses):
+            too_big = max(model.eval.k)
+            raise SuiteError(f"{path}: eval.k: {too_big} exceeds the {num_classes} classes of dataset '{ds.name}'")
+        for loss in losses:
             try:  # catch constraints that depend on the number of classes (k < n, m < n, …)
                 LOSSES.get(loss.name).obj(num_classes=num_classes, **loss.params)
             except (ValueError, TypeError) as exc:
-                raise SuiteError(f"{path}: losses: {loss.label()} with {num_classes} classes: {exc}") from None
+                message = f"{loss.label()} with {num_classes} classes: {exc}"
+                raise SuiteError(f"{path}: losses: {message}") from None
     train, evaluation = model.train.model_dump(), model.eval.model_dump()
     runs = [
         RunSpec(loss=loss, dataset=ds, model=m, train=train, eval=evaluation, seed=seed)

@@ -45,7 +45,7 @@ def test_run_rerun_delete_force(write_suite, tmp_path, capsys):
     assert run_cli("run", str(suite), "--results-dir", str(results)) == 0
     assert "0 done, 0 not done (none), 6 skipped" in capsys.readouterr().out
     assert mtimes == {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*.json")}
-    strip = lambda text: [l for l in text.splitlines() if not l.startswith("- generated")]  # noqa: E731
+    strip = lambda text: [line for line in text.splitlines() if not line.startswith("- generated")]  # noqa: E731
     assert strip((root / "report.md").read_text()) == strip(report)
 
     # deleting two records recomputes exactly those two
