@@ -29,6 +29,9 @@ class Param:
     choices: tuple[Any, ...] | None = None
     optional: bool = False  # None is an allowed value
     doc: str = ""
+    # How the value enters the run id: "value" (as is), "ignore" (where data lives, e.g. a cache
+    # folder), "basename" (a file path: its name identifies the data, its folder does not).
+    identity: str = "value"
 
     def check(self, name: str, value: Any) -> Any:
         """Return the value (ints promoted to float where a float is wanted) or raise RegistryError."""
@@ -100,6 +103,17 @@ class Entry(Generic[T]):
     @property
     def available(self) -> bool:
         return self.unavailable_reason is None
+
+    def identity_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The parameters as they enter the run id (see Param.identity)."""
+        out = {}
+        for key, value in params.items():
+            mode = self.params[key].identity if key in self.params else "value"
+            if mode == "basename" and isinstance(value, str):
+                out[key] = value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+            elif mode != "ignore":
+                out[key] = value
+        return out
 
     def validate_params(self, params: dict[str, Any], where: str = "params") -> dict[str, Any]:
         """Check user params against the schema; return them with defaults filled in."""

@@ -33,6 +33,12 @@ class Component:
     name: str
     version: int = 1
     params: dict = field(default_factory=dict)
+    # params as they enter the run id (paths reduced or dropped); None: all params
+    identity: dict | None = None
+
+    def identity_dict(self) -> dict:
+        return {"name": self.name, "version": self.version,
+                "params": self.params if self.identity is None else self.identity}
 
     def label(self, show: tuple[str, ...] | None = None) -> str:
         """`name[k=5,tau=1]`, listing `show` params (all when None)."""
@@ -71,6 +77,11 @@ class RunSpec:
             train=d["train"], eval=d["eval"], seed=d["seed"],
         )
 
+    def identity_dict(self) -> dict:
+        """What the run id hashes: the spec with location-only parameters reduced or dropped."""
+        return {"loss": self.loss.identity_dict(), "dataset": self.dataset.identity_dict(),
+                "model": self.model.identity_dict(), "train": self.train, "eval": self.eval, "seed": self.seed}
+
     @property
     def run_id(self) -> str:
-        return hashlib.sha256(canonical_json(self.to_dict()).encode()).hexdigest()[:16]
+        return hashlib.sha256(canonical_json(self.identity_dict()).encode()).hexdigest()[:16]

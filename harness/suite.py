@@ -163,10 +163,12 @@ def _components(registry: Registry, named: Named, where: str) -> list[Component]
         entry = registry.get(named.name, where=f"{where}.name")
         if entry.unavailable_reason:
             raise SuiteError(f"{where}.name: {registry.kind} '{named.name}' is unavailable: {entry.unavailable_reason}")
-        return [
-            Component(entry.name, entry.version, entry.validate_params(p, where=f"{where}.params"))
-            for p in _axes(entry.params, named.params, f"{where}.params")
-        ]
+        comps = []
+        for p in _axes(entry.params, named.params, f"{where}.params"):
+            params = entry.validate_params(p, where=f"{where}.params")
+            identity = entry.identity_params(params)
+            comps.append(Component(entry.name, entry.version, params, None if identity == params else identity))
+        return comps
     except RegistryError as exc:
         raise SuiteError(str(exc)) from None
 

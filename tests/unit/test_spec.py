@@ -38,3 +38,20 @@ def test_roundtrip_and_canonical_json():
     a = make()
     assert RunSpec.from_dict(a.to_dict()) == a
     assert canonical_json({"b": 1.0, "a": [0.1 + 0.2]}) == '{"a":[0.3],"b":1.0}'
+
+
+def test_location_params_do_not_change_the_id(write_suite):
+    from harness.suite import load_suite
+
+    text = """
+suite: s
+seeds: [0]
+dataset: {name: cifar100, params: {root: ROOT, download: false}}
+model: {name: linear}
+train: {epochs: 1, batch_size: 32}
+losses: [softmax]
+"""
+    a = load_suite(write_suite(text.replace("ROOT", "/data/a"), name="a.yaml")).runs[0]
+    b = load_suite(write_suite(text.replace("ROOT", "/mnt/elsewhere").replace("false", "true"), name="b.yaml")).runs[0]
+    assert a.dataset.params["root"] == "/data/a" and a.run_id == b.run_id
+    assert RunSpec.from_dict(a.to_dict()).run_id == a.run_id
