@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from harness.registry import DATASETS, LOSSES, MODELS, Registry
+from harness.registry import LOSSES, Registry
 from harness.spec import Component, RunSpec
 
 
@@ -19,6 +19,13 @@ def variant_label(registry: Registry, comp: Component) -> str:
         defaults = {}
     changed = tuple(k for k, v in comp.params.items() if defaults.get(k, object()) != v)
     return comp.label(show=changed)
+
+
+def varying_label(comp: Component, all_comps: list[Component]) -> str:
+    """`name[p=v,…]` listing only the parameters that take several values across `all_comps`."""
+    same_name = [c for c in all_comps if c.name == comp.name]
+    varying = tuple(k for k in comp.params if len({repr(c.params.get(k)) for c in same_name}) > 1)
+    return comp.label(show=varying)
 
 
 @dataclass(frozen=True)
@@ -66,8 +73,9 @@ def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict) -> list
     cols = columns(eval_cfg)
     primary = next(c for c in cols if c.key == eval_cfg["primary"])
     groups: dict[tuple[str, str], dict[str, list[RunSpec]]] = defaultdict(lambda: defaultdict(list))
+    datasets, models = [s.dataset for s in runs], [s.model for s in runs]
     for spec in runs:
-        key = (variant_label(DATASETS, spec.dataset), variant_label(MODELS, spec.model))
+        key = (varying_label(spec.dataset, datasets), varying_label(spec.model, models))
         groups[key][variant_label(LOSSES, spec.loss)].append(spec)
     boards = []
     for (ds, model), by_loss in groups.items():

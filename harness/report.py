@@ -15,7 +15,8 @@ from tabulate import tabulate  # noqa: E402
 
 from harness import leaderboard  # noqa: E402
 from harness.leaderboard import Board  # noqa: E402
-from harness.registry import LOSSES  # noqa: E402
+from harness.leaderboard import variant_label  # noqa: E402
+from harness.registry import DATASETS, LOSSES, MODELS  # noqa: E402
 from harness.store import RunStore  # noqa: E402
 from harness.suite import Suite  # noqa: E402
 
@@ -51,6 +52,14 @@ def _environment_line(records: list[dict]) -> str:
     return "; ".join(f"torch {t}, device {d}, git {g} ({n} runs)" for (t, d, g), n in envs.most_common())
 
 
+def _setup_line(suite: Suite) -> str:
+    first = suite.runs[0]
+    train = first.train
+    return (f"{variant_label(DATASETS, first.dataset)} · model {variant_label(MODELS, first.model)} · "
+            f"{train['epochs']} epochs, batch {train['batch_size']}, {train['optimizer']['name']} "
+            f"lr {train['optimizer']['lr']:g}, schedule {train['schedule']['name']} · seeds {suite.model.seeds}")
+
+
 def write_report(suite: Suite, store: RunStore) -> Path:
     """Write `<results>/<suite>/report.md`, leaderboard CSVs and plots; return the report path."""
     by_id = {r["run_id"]: r for r in store.records()}
@@ -73,6 +82,7 @@ def write_report(suite: Suite, store: RunStore) -> Path:
         + (", " if any(counts.get(s) for s in ("failed", "nan", "oom", "timeout")) else "")
         + f"{missing} missing",
         f"- environment: {_environment_line(records)}",
+        f"- data: {_setup_line(suite)}",
         f"- metrics: test split, model selected by `{eval_cfg['select']}` (per metric); "
         f"ranked by `{eval_cfg['primary']}`; mean ± std over seeds (sample std); "
         "ties in scores count against the true label",
@@ -98,7 +108,7 @@ def write_report(suite: Suite, store: RunStore) -> Path:
     lines += ["## Run records", "", "Every number above comes from these files in `runs/`:", ""]
     for spec in suite.runs:
         status = by_id[spec.run_id]["status"] if spec.run_id in by_id else "missing"
-        lines.append(f"- `{spec.run_id}` {leaderboard.variant_label(LOSSES, spec.loss)} · seed {spec.seed} · {status}")
+        lines.append(f"- `{spec.run_id}` {variant_label(LOSSES, spec.loss)} · seed {spec.seed} · {status}")
     path = store.root / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
