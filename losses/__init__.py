@@ -1,2 +1,5 @@
 """Built-in losses: importing this package registers every family."""
 from losses import softmax  # noqa: F401
+from losses import difftopk  # noqa: F401
+from losses import berrada, hinge  # noqa: F401
+from losses import lapin, transition, noised  # noqa: F401

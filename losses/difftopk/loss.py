@@ -1,0 +1,151 @@
+"""Differentiable top-k cross-entropy (Petersen, Borgelt, Kuehne, Deussen, ICML 2022)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.registry import Param, register_loss
+from losses.difftopk.networks import NETWORKS, TorchNetwork
+from losses.difftopk.relaxations import DISTRIBUTIONS
+from losses.difftopk.sorters import (
+    SORTERS,
+    network_label_mass,
+    network_topk,
+    neuralsort_topk,
+    sinkhorn_topk,
+    softsort_topk,
+)
+
+# Default inverse temperature (steepness for networks, 1/tau for NeuralSort/SoftSort,
+# 1/epsilon for Sinkhorn) used when ``inverse_temperature=None``: 1.0 (the relaxation
+# acts on differences of the order of one logit), except Sinkhorn: 0.1, i.e. epsilon = 10
+# in squared rank units, which converges within 50 sweeps for m <= ~16.
+DEFAULT_INVERSE_TEMPERATURE = {s: 1.0 for s in SORTERS}
+DEFAULT_INVERSE_TEMPERATURE["sinkhorn"] = 0.1
+TOP1_MODES = ("sort", "sm", "smce")
+
+
+@register_loss(
+    "difftopk",
+    family="petersen",
+    paper="Petersen et al. ICML 2022",
+    version=1,
+    params={
+        "sorter": Param(str, "odd_even", choices=SORTERS, doc="differentiable sorter / top-k network"),
+        "p_k": Param(list, [0.5, 0.0, 0.0, 0.0, 0.5], doc="P_K over k=1..K (non-negative, sums to 1)"),
+        "m": Param(int, None, optional=True, ge=2, doc="top-m preselection (K < m < n); None = all classes"),
+        "top1_mode": Param(str, "sm", choices=TOP1_MODES, doc="how the k=1 term is computed"),
+        "inverse_temperature": Param(float, None, optional=True, gt=0.0,
+                                     doc="steepness / 1/tau / 1/eps; None = 1.0 (sinkhorn 0.1)"),
+        "distribution": Param(str, "logistic_phi", choices=DISTRIBUTIONS, doc="sorting-network relaxation"),
+        "art_lambda": Param(float, 0.5, ge=0.0, doc="ART exponent λ of logistic_phi"),
+        "sinkhorn_iterations": Param(int, 50, ge=1, doc="max Sinkhorn sweeps"),
+        "sinkhorn_tolerance": Param(float, 1e-4, ge=0.0, doc="Sinkhorn marginal tolerance (0 = run all sweeps)"),
+    },
+)
+class DiffTopKLoss(nn.Module):
+    """Top-k cross-entropy through a differentiable sorter (only the top-K rows of P)."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        sorter: str = "odd_even",
+        p_k: list | tuple = (0.5, 0.0, 0.0, 0.0, 0.5),
+        m: int | None = None,
+        top1_mode: str = "sm",
+        inverse_temperature: float | None = None,
+        distribution: str = "logistic_phi",
+        art_lambda: float = 0.5,
+        sinkhorn_iterations: int = 50,
+        sinkhorn_tolerance: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        if sorter not in SORTERS:
+            raise ValueError(f"sorter must be one of {SORTERS}, got {sorter!r}")
+        if top1_mode not in TOP1_MODES:
+            raise ValueError(f"top1_mode must be one of {TOP1_MODES}, got {top1_mode!r}")
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        p_k = [float(p) for p in p_k]
+        if not p_k:
+            raise ValueError("p_k must be a non-empty list")
+        if any(p < 0 for p in p_k):
+            raise ValueError(f"p_k must be non-negative, got {p_k}")
+        if not 0.9999 < sum(p_k) < 1.0001:
+            raise ValueError(f"p_k must sum to 1, got {p_k} (sum {sum(p_k)})")
+        self.k = k = len(p_k)
+        if num_classes < 2 * k:
+            raise ValueError(f"num_classes={num_classes} < 2K={2 * k}: top-K with K={k} needs n >= 2K")
+        if m is not None and not k < m < num_classes:
+            raise ValueError(f"m={m} must satisfy K < m < n ({k} < m < {num_classes})")
+        if inverse_temperature is None:
+            inverse_temperature = DEFAULT_INVERSE_TEMPERATURE[sorter]
+        if inverse_temperature <= 0:
+            raise ValueError(f"inverse_temperature must be > 0, got {inverse_temperature}")
+        self.num_classes = num_classes
+        self.sorter, self.p_k, self.m, self.top1_mode = sorter, p_k, m, top1_mode
+        self.inverse_temperature = float(inverse_temperature)
+        self.distribution, self.art_lambda = distribution, float(art_lambda)
+        self.sinkhorn_iterations, self.sinkhorn_tolerance = sinkhorn_iterations, sinkhorn_tolerance
+        self.n_sort = m if m is not None else num_classes
+        self.network = TorchNetwork(sorter, self.n_sort, k) if sorter in NETWORKS else None
+        # weight of ascending top-K column j (rank r = K - j from the top):
+        # sort: sum_{k >= r} p_k; sm/smce: the k = 1 term is handled separately.
+        lo = 1 if top1_mode == "sort" else 2
+        w = [sum(p_k[max(r, lo) - 1:]) for r in range(k, 0, -1)]
+        self.col_weights = w
+        self.topk_mass = sum(p_k) if top1_mode == "sort" else sum(p_k[1:])
+
+    def extra_repr(self) -> str:
+        return (f"n={self.num_classes}, sorter={self.sorter}, p_k={self.p_k}, m={self.m}, "
+                f"top1_mode={self.top1_mode}, inverse_temperature={self.inverse_temperature}, "
+                f"distribution={self.distribution}")
+
+    # ------------------------------------------------------------------
+    def preselect(self, s: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[s_y, the m-1 largest other scores (descending)]; the label becomes class 0."""
+        others = s.scatter(1, labels.unsqueeze(1), float("-inf"))
+        idx = others.topk(self.m - 1, dim=1, sorted=True).indices
+        sel = torch.cat([labels.unsqueeze(1), idx], 1)
+        return s.gather(1, sel), torch.zeros_like(labels)
+
+    def topk_probability(self, s: torch.Tensor) -> torch.Tensor:
+        """sum_j w_j P[b, j, :]: the (non-top-1-softmax) top-k mass of every class, [B, n]."""
+        k, it = self.k, self.inverse_temperature
+        n = s.shape[1]
+        w = torch.tensor(self.col_weights, dtype=s.dtype, device=s.device)
+        if self.network is not None:
+            readout = torch.zeros(1, 1, n, dtype=s.dtype, device=s.device)
+            readout[0, 0, n - k:] = w
+            return network_topk(s, self.network, readout, it, self.distribution, self.art_lambda)[:, 0]
+        if self.sorter == "neuralsort":
+            P = neuralsort_topk(s, k, it)
+        elif self.sorter == "softsort":
+            P = softsort_topk(s, k, it)
+        else:
+            P = sinkhorn_topk(s, k, it, self.sinkhorn_iterations, self.sinkhorn_tolerance)
+        return (P * w.view(1, -1, 1)).sum(1)
+
+    def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if scores.dim() != 2 or scores.shape[1] != self.num_classes:
+            raise ValueError(f"scores must be [B, {self.num_classes}], got {tuple(scores.shape)}")
+        s = scores if scores.dtype == torch.float64 else scores.float()
+        labels = labels.long()
+        if self.m is not None:
+            s, labels = self.preselect(s, labels)
+        y = labels.unsqueeze(1)
+        if self.topk_mass > 0 and self.network is not None:
+            w = torch.tensor(self.col_weights, dtype=s.dtype, device=s.device)
+            q = network_label_mass(s, labels, self.network, w, self.inverse_temperature,
+                                   self.distribution, self.art_lambda)
+        elif self.topk_mass > 0:
+            q = self.topk_probability(s).gather(1, y).squeeze(1)
+        else:
+            q = torch.zeros(s.shape[0], dtype=s.dtype, device=s.device)
+        if self.top1_mode == "sm":
+            q = self.p_k[0] * torch.softmax(s, dim=-1).gather(1, y).squeeze(1) + q
+        nll = -torch.log(q * (1 - 2e-7) + 1e-7)
+        if self.top1_mode == "smce":
+            return self.p_k[0] * F.cross_entropy(s, labels) + self.topk_mass * nll.mean()
+        return nll.mean()
