@@ -16,9 +16,11 @@ with x = s/(kτ), e = exp(x) over the classes j ≠ y and σ_i the i-th elementa
 
 σ_{k−1}, σ_k (over e without y, shifted by the largest x so that e ∈ [0, 1]) are computed per
 sample by the cheapest exact method that is accurate for it:
-1. Newton's identities on the power sums p_i = Σ e^i (float64, one batched triangular solve), used
-   when the cancelling terms are bounded (σ̄/σ ≤ 1e6 for float32 work, 1e3 for float64); all
-   [B, n] work is fused in one autograd.Function with a hand-written backward. Typical logits.
+1. Newton's identities on the power sums p_i = Σ e^i (one batched float64 triangular solve), used
+   when the cancelling terms are bounded: for float32 scores first with the [B, n] work in float32
+   where σ̄/σ ≤ 1e2 (error ≲ 1e-6, the common case for typical logits), then in float64 for the
+   rows with σ̄/σ ≤ 1e6; for float64 scores in float64 where σ̄/σ ≤ 1e3. All [B, n] work is fused
+   in one autograd.Function with a hand-written backward.
 2. A divide-and-conquer tree of truncated polynomial products in linear space (O(nk), log2 n
    rounds), when nothing relevant can underflow.
 3. The same tree in log space (logsumexp; finite -1e30 instead of -inf): exact and stable for any
@@ -154,19 +156,21 @@ class _NewtonRatio(torch.autograd.Function):
     """Fused Newton path: scores [B, n], labels [B] -> (ratio [B], margin [B], ok [B]).
 
     x = scores/(kτ), m = max_{j≠y} x_j (a constant: the loss is invariant to it), e_j = exp(x_j − m)
-    for j ≠ y (e_y = 0), p_i = Σ_j e_j^i in float64, σ_1..σ_k by Newton's identities (one batched
-    triangular solve, together with the all-positive bound σ̄), ratio = log σ_k − log σ_{k−1},
-    margin = x_y − m, ok = well-conditioned rows (ratio is 0 and gets no gradient elsewhere).
+    for j ≠ y (e_y = 0), p_i = Σ_j e_j^i in the dtype `work` (the [B, n] part), σ_1..σ_k by Newton's
+    identities (one batched float64 triangular solve, together with the all-positive bound σ̄),
+    ratio = log σ_k − log σ_{k−1}, margin = x_y − m, ok = rows with σ̄/σ ≤ max_ratio (ratio is 0
+    and gets no gradient elsewhere).
 
     Everything on [B, n] happens here without autograd bookkeeping. Backward: adjoint of the
     triangular system for dp, then Horner's rule for d p_i / d x_j = i·e_j^i.
     """
 
     @staticmethod
-    def forward(ctx, scores, labels, k: int, scale: float, max_ratio: float, force: bool):  # type: ignore[override]
+    def forward(ctx, scores, labels, k: int, scale: float, max_ratio: float, force: bool,  # type: ignore[override]
+                work: torch.dtype):
         b, lab = scores.shape[0], labels[:, None]
         m = scores.scatter(1, lab, float("-inf")).amax(1, keepdim=True)
-        e = torch.add(m * -scale, scores, alpha=scale).exp_().scatter_(1, lab, 0.0).double()
+        e = torch.add(m * -scale, scores, alpha=scale).exp_().scatter_(1, lab, 0.0).to(work)
         margin = (scores.gather(1, lab) - m).squeeze(1) * scale
         sums = [e.sum(1)]
         if k > 1:
@@ -174,7 +178,7 @@ class _NewtonRatio(torch.autograd.Function):
             sums.append(cur.sum(1))
             for _ in range(2, k):
                 sums.append(cur.mul_(e).sum(1))
-        p = torch.stack(sums, 1)
+        p = torch.stack(sums, 1).double()
         idx, sign, diag, rhs_sign = _newton_tables(k, True, p.dtype, p.device)
         mat = (p[:, idx].view(-1, k, k) * sign + diag).view(-1, k, k)
         sol = torch.linalg.solve_triangular(mat, (p * rhs_sign).reshape(-1, k, 1), upper=False)
@@ -207,14 +211,14 @@ class _NewtonRatio(torch.autograd.Function):
         idx, sign, _, rhs_sign = _newton_tables(k, False, sig.dtype, sig.device)
         outer = (lam.unsqueeze(2) * sig.unsqueeze(1) * -sign).view(-1, k * k)
         dp = (lam * rhs_sign).index_add_(1, idx, outer)
-        coef = dp * (ctx.scale * torch.arange(1, k + 1, dtype=torch.float64, device=e.device))
+        coef = (dp * (ctx.scale * torch.arange(1, k + 1, dtype=torch.float64, device=e.device))).to(e.dtype)
         cols = [c.contiguous().unsqueeze(1) for c in coef.unbind(1)]
         h = torch.empty_like(e).copy_(cols[-1].expand_as(e))
         for c in reversed(cols[:-1]):  # Σ_i i·c_i·e^(i−1)
             torch.addcmul(c, h, e, out=h)
         grad = h.mul_(e).to(ctx.dtype)  # e_y = 0: the label column is 0 here
         grad.scatter_(1, labels[:, None], (grad_margin * ctx.scale).to(ctx.dtype)[:, None])
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 @lru_cache(maxsize=None)
@@ -248,9 +252,14 @@ def _linear_safe_gap(n_other: int, k: int, dtype: torch.dtype) -> float:
     return math.log(info.tiny) * -1.0 - log_comb + math.log(info.eps) - 2.0
 
 
-# Newton's identities (float64) are trusted when the cancelling terms are at most this many times
-# the result: the relative error is then ~1e3·eps64·ratio (1e-10 for float32 work, 1e-13 for float64).
-_NEWTON_MAX_RATIO = {torch.float32: 1e6, torch.float64: 1e3}
+# Newton's identities are trusted when the cancelling terms are at most this many times the result:
+# (dtype of the scores) -> [(dtype of the [B, n] work, largest σ̄/σ), ...], tried in order on the rows
+# not yet accepted. The error is then ~1e2·eps·ratio: ≲ 1e-6 for float32 work at ratio 1e2 (float32
+# output), ≲ 1e-10 for float64 work at 1e6, ≲ 1e-13 at 1e3 (float64 output).
+_NEWTON_TIERS = {
+    torch.float32: ((torch.float32, 1e2), (torch.float64, 1e6)),
+    torch.float64: ((torch.float64, 1e3),),
+}
 
 
 def smooth_topk_svm(
@@ -292,7 +301,18 @@ def smooth_topk_svm(
         xc, margin = shifted()
         ratio = lin(xc) if method == "linear" else lg(xc)
     else:
-        ratio, margin, ok = _NewtonRatio.apply(x, labels, k, scale, _NEWTON_MAX_RATIO[x.dtype], method == "newton")
+        tiers = _NEWTON_TIERS[x.dtype]
+        if method == "newton":  # forced: the most precise tier on every row
+            tiers = tiers[-1:]
+        (work, max_ratio), rest = tiers[0], tiers[1:]
+        ratio, margin, ok = _NewtonRatio.apply(x, labels, k, scale, max_ratio, method == "newton", work)
+        for work, max_ratio in rest:
+            if bool(ok.all()):
+                break
+            bad = (~ok).nonzero().squeeze(1)
+            r2, _, ok2 = _NewtonRatio.apply(x[bad].to(work), labels[bad], k, scale, max_ratio, False, work)
+            ratio = ratio.index_put((bad,), r2.to(ratio.dtype))
+            ok = ok.index_put((bad,), ok2)
         if not bool(ok.all()):
             bad = (~ok).nonzero().squeeze(1)
             xc = shifted()[0][bad]  # margin stays the fused one: the same value, one gradient path
