@@ -66,6 +66,9 @@ class Board:
     table: pd.DataFrame
     footnotes: list[str] = field(default_factory=list)
     curves: dict[str, np.ndarray] = field(default_factory=dict)  # loss label -> mean test top-k curve
+    # complete rows only: loss label -> column key -> the per-seed values (scaled as displayed)
+    values: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    columns: list[Column] = field(default_factory=list)
 
 
 def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict) -> list[Board]:
@@ -79,7 +82,7 @@ def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict) -> list
         groups[key][variant_label(LOSSES, spec.loss)].append(spec)
     boards = []
     for (ds, model), by_loss in groups.items():
-        rows, notes, curves = [], [], {}
+        rows, notes, curves, values = [], [], {}, {}
         for label, specs in by_loss.items():
             recs = [records.get(s.run_id) for s in specs]
             done = [r for r in recs if r is not None and r["status"] == "done"]
@@ -92,12 +95,13 @@ def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict) -> list
                 detail = ", ".join(f"{v} {k}" for k, v in sorted(statuses.items()) if k != "done")
                 notes.append(f"{label}: {detail} of {len(specs)} seeds — cells left empty, not averaged")
             for col in cols:
-                values = [_get(r, col.path) for r in done]
-                if not complete or any(v is None for v in values):
+                seed_values = [_get(r, col.path) for r in done]
+                if not complete or any(v is None for v in seed_values):
                     row[col.title] = "—"
                     row[f"_{col.key}"] = np.nan
                     continue
-                arr = np.array(values) * col.scale
+                arr = np.array(seed_values) * col.scale
+                values.setdefault(label, {})[col.key] = arr
                 std = arr.std(ddof=1) if len(arr) > 1 else 0.0
                 row[col.title] = f"{arr.mean():.{col.digits}f} ± {std:.{col.digits}f}"
                 row[f"_{col.key}"] = arr.mean()
@@ -111,5 +115,5 @@ def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict) -> list
         table = table.assign(_sort=score if primary.higher_is_better else -score)
         table = table.sort_values("_sort", ascending=False, na_position="last")
         hidden = [c for c in table.columns if c.startswith("_")]
-        boards.append(Board(ds, model, table.drop(columns=hidden).reset_index(drop=True), notes, curves))
+        boards.append(Board(ds, model, table.drop(columns=hidden).reset_index(drop=True), notes, curves, values, cols))
     return boards

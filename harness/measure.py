@@ -1,6 +1,8 @@
 """Timing, peak memory and environment capture."""
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import resource
 import statistics
@@ -60,9 +62,16 @@ def git_sha() -> str | None:
 
 
 def device_name(device: torch.device) -> str:
+    """GPU name, or the CPU model (Linux: /proc/cpuinfo) with the number of logical cores."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
+    model = platform.processor() or platform.machine() or "cpu"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {os.cpu_count()} logical cores"
 
 
 def environment(device: torch.device) -> dict:

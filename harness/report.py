@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from harness import leaderboard  # noqa: E402
+from harness.findings import board_findings  # noqa: E402
 from harness.leaderboard import Board  # noqa: E402
 from harness.leaderboard import variant_label  # noqa: E402
 from harness.registry import DATASETS, LOSSES, MODELS  # noqa: E402
@@ -94,6 +95,7 @@ def write_report(suite: Suite, store: RunStore) -> Path:
         lines += [f"## {board.dataset} · {board.model}", "",
                   tabulate(board.table, headers="keys", tablefmt="github", showindex=False), ""]
         lines += [f"- ⚠ {note}" for note in board.footnotes]
+        lines += ["", "What this table shows (generated from the records):", "", *board_findings(board)]
         if board.curves:
             png = plots / f"topk-{slug}.png"
             _plot_curves(board, png, max_k=max(20, 2 * max(eval_cfg["k"])))

@@ -95,7 +95,8 @@ class Suite:
         return self.model.suite
 
 
-def _read(path: Path) -> dict:
+def read_mapping(path: Path) -> dict:
+    """The top-level mapping of a YAML or TOML file; SuiteError (one line) when it is not one."""
     if not path.is_file():
         raise SuiteError(f"{path}: no such suite file")
     text = path.read_text()
@@ -142,7 +143,7 @@ def _pydantic_message(path: Path, exc: ValidationError) -> str:
     return f"{path}: {key}: {err['msg']} (got {err.get('input')!r})"
 
 
-def _axes(entry_params: dict, values: dict, where: str) -> list[dict]:
+def expand_grid(entry_params: dict, values: dict, where: str) -> list[dict]:
     """Expand list-valued params into a grid of concrete param dicts."""
     keys, choices = [], []
     for key, value in values.items():
@@ -164,7 +165,7 @@ def _components(registry: Registry, named: Named, where: str) -> list[Component]
         if entry.unavailable_reason:
             raise SuiteError(f"{where}.name: {registry.kind} '{named.name}' is unavailable: {entry.unavailable_reason}")
         comps = []
-        for p in _axes(entry.params, named.params, f"{where}.params"):
+        for p in expand_grid(entry.params, named.params, f"{where}.params"):
             params = entry.validate_params(p, where=f"{where}.params")
             identity = entry.identity_params(params)
             comps.append(Component(entry.name, entry.version, params, None if identity == params else identity))
@@ -176,7 +177,7 @@ def _components(registry: Registry, named: Named, where: str) -> list[Component]
 def load_suite(path: str | Path) -> Suite:
     """Read, validate and expand a suite file; raises SuiteError with a one-line message."""
     path = Path(path)
-    data = _read(path)
+    data = read_mapping(path)
     try:
         model = SuiteModel.model_validate(data)
     except ValidationError as exc:

@@ -6,23 +6,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.registry import Param, register_loss
+from losses.difftopk.label_mass import network_label_mass
 from losses.difftopk.networks import NETWORKS, TorchNetwork
 from losses.difftopk.relaxations import DISTRIBUTIONS
+from losses.difftopk.sinkhorn import sinkhorn_topk
 from losses.difftopk.sorters import (
     SORTERS,
-    network_label_mass,
     network_topk,
     neuralsort_topk,
-    sinkhorn_topk,
     softsort_topk,
 )
 
-# Default inverse temperature (steepness for networks, 1/tau for NeuralSort/SoftSort,
-# 1/epsilon for Sinkhorn) used when ``inverse_temperature=None``: 1.0 (the relaxation
-# acts on differences of the order of one logit), except Sinkhorn: 0.1, i.e. epsilon = 10
-# in squared rank units, which converges within 50 sweeps for m <= ~16.
-DEFAULT_INVERSE_TEMPERATURE = {s: 1.0 for s in SORTERS}
-DEFAULT_INVERSE_TEMPERATURE["sinkhorn"] = 0.1
+# Inverse temperature used when ``inverse_temperature=None``: 1.0 (steepness for the networks,
+# 1/tau for NeuralSort/SoftSort: the relaxations act on differences of the order of one logit),
+# except Sinkhorn: 1/n_sort, i.e. epsilon = n in squared rank units (see losses.difftopk.sinkhorn).
+DEFAULT_INVERSE_TEMPERATURE = {s: 1.0 for s in SORTERS if s != "sinkhorn"}
 TOP1_MODES = ("sort", "sm", "smce")
 
 
@@ -37,7 +35,7 @@ TOP1_MODES = ("sort", "sm", "smce")
         "m": Param(int, None, optional=True, ge=2, doc="top-m preselection (K < m < n); None = all classes"),
         "top1_mode": Param(str, "sm", choices=TOP1_MODES, doc="how the k=1 term is computed"),
         "inverse_temperature": Param(float, None, optional=True, gt=0.0,
-                                     doc="steepness / 1/tau / 1/eps; None = 1.0 (sinkhorn 0.1)"),
+                                     doc="steepness / 1/tau / 1/eps; None = 1.0 (sinkhorn: 1/n)"),
         "distribution": Param(str, "logistic_phi", choices=DISTRIBUTIONS, doc="sorting-network relaxation"),
         "art_lambda": Param(float, 0.5, ge=0.0, doc="ART exponent λ of logistic_phi"),
         "sinkhorn_iterations": Param(int, 50, ge=1, doc="max Sinkhorn sweeps"),
@@ -79,8 +77,9 @@ class DiffTopKLoss(nn.Module):
             raise ValueError(f"num_classes={num_classes} < 2K={2 * k}: top-K with K={k} needs n >= 2K")
         if m is not None and not k < m < num_classes:
             raise ValueError(f"m={m} must satisfy K < m < n ({k} < m < {num_classes})")
+        n_sort = m if m is not None else num_classes
         if inverse_temperature is None:
-            inverse_temperature = DEFAULT_INVERSE_TEMPERATURE[sorter]
+            inverse_temperature = DEFAULT_INVERSE_TEMPERATURE.get(sorter, 1.0 / n_sort)
         if inverse_temperature <= 0:
             raise ValueError(f"inverse_temperature must be > 0, got {inverse_temperature}")
         self.num_classes = num_classes
@@ -88,7 +87,7 @@ class DiffTopKLoss(nn.Module):
         self.inverse_temperature = float(inverse_temperature)
         self.distribution, self.art_lambda = distribution, float(art_lambda)
         self.sinkhorn_iterations, self.sinkhorn_tolerance = sinkhorn_iterations, sinkhorn_tolerance
-        self.n_sort = m if m is not None else num_classes
+        self.n_sort = n_sort
         self.network = TorchNetwork(sorter, self.n_sort, k) if sorter in NETWORKS else None
         # weight of ascending top-K column j (rank r = K - j from the top):
         # sort: sum_{k >= r} p_k; sm/smce: the k = 1 term is handled separately.

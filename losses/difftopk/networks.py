@@ -150,11 +150,7 @@ def build_network(kind: str, n: int, k: int) -> tuple[Layer, ...]:
 
 
 class TorchNetwork:
-    """A network's index tensors, built lazily and cached per device.
-
-    Per layer: ``a``, ``b`` (wires read), ``dst = cat(dest_min, dest_max)`` (wires written) and
-    ``src = cat(a, b)``.
-    """
+    """A network's index tensors ``(a, b, dest_min, dest_max)`` per layer, built lazily and cached per device."""
 
     def __init__(self, kind: str, n: int, k: int) -> None:
         self.kind, self.n, self.k = kind, n, k
@@ -167,11 +163,6 @@ class TorchNetwork:
     def on(self, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
         device = torch.device(device)
         if device not in self._cache:
-            def as_tensor(v: np.ndarray) -> torch.Tensor:
-                return torch.as_tensor(v, dtype=torch.long, device=device)
-
-            self._cache[device] = [
-                (as_tensor(a), as_tensor(b), as_tensor(np.concatenate([dmin, dmax])), as_tensor(np.concatenate([a, b])))
-                for a, b, dmin, dmax in self.layers
-            ]
+            self._cache[device] = [tuple(torch.as_tensor(v, dtype=torch.long, device=device) for v in layer)
+                                   for layer in self.layers]
         return self._cache[device]

@@ -44,3 +44,31 @@ def swap_probability(v: torch.Tensor, distribution: str, steepness: float, art_l
     if distribution == "optimal":
         return optimal_sigmoid(x)
     raise ValueError(f"unknown distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
+
+
+def swap_probability_and_slope(v: torch.Tensor, distribution: str, steepness: float,
+                               art_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(α, dα/dv) without autograd, for hand-written backward passes (the same α as `swap_probability`)."""
+    if distribution == "logistic_phi":  # u = β v w, w = (|v|+ε)^-λ; du/dv = β w (1 − λ|v|/(|v|+ε))
+        base = v.abs().add_(_ART_EPS)
+        w = base.pow(-art_lambda)
+        alpha = torch.sigmoid(v * steepness * w)
+        slope = alpha * (1 - alpha)
+        slope.mul_(w).mul_(1 - art_lambda * (1 - _ART_EPS / base)).mul_(steepness)
+        return alpha, slope
+    alpha = swap_probability(v, distribution, steepness, art_lambda)
+    x = v * steepness
+    if distribution == "logistic":
+        slope = steepness * alpha * (1 - alpha)
+    elif distribution == "gaussian":
+        slope = steepness * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    elif distribution == "reciprocal":
+        slope = steepness / (2 + x.abs()).pow(2)
+    elif distribution == "cauchy":
+        slope = steepness / (math.pi * (1 + x * x))
+    elif distribution == "optimal":
+        outer = x.abs().clamp(min=0.25)
+        slope = steepness * torch.where(x.abs() > 0.25, 1 / (16 * outer * outer), torch.ones_like(x))
+    else:
+        raise ValueError(f"unknown distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
+    return alpha, slope

@@ -7,7 +7,6 @@ transpose of ``difftopk``'s ``P_topk[:, :, -K:]`` (``[B, n, K]``).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -40,7 +39,7 @@ def network_topk(
     Cost O(layers * n * c): each layer is a gather of the comparator pairs, a soft
     swap, and an ``index_copy`` back (out of place, autograd-friendly).
     """
-    layers = network.on(x.device)
+    layers = [(a, b, torch.cat([dmin, dmax]), torch.cat([a, b])) for a, b, dmin, dmax in network.on(x.device)]
     alphas = []
     for a, b, dst, _src in layers:
         xa = x.index_select(1, a)
@@ -53,7 +52,7 @@ def network_topk(
         alphas.append(alpha)
     B = x.shape[0]
     X = readout.to(x.dtype).expand(B, -1, -1)
-    for (a, b, dst, src), alpha in zip(reversed(layers), reversed(alphas)):
+    for (a, _b, dst, src), alpha in zip(reversed(layers), reversed(alphas)):
         L = a.shape[0]
         g = X.index_select(2, dst)
         x_min, x_max = g[..., :L], g[..., L:]
@@ -96,98 +95,3 @@ def softsort_topk(s: torch.Tensor, k: int, inverse_temperature: float) -> torch.
     tau = 1 / inverse_temperature
     v = s.topk(k, dim=-1, sorted=True).values.flip(-1)  # ascending top-K values
     return ((s.unsqueeze(1) - v.unsqueeze(-1)).abs().neg() / tau).softmax(-1)
-
-
-def sinkhorn_topk(
-    s: torch.Tensor,
-    k: int,
-    inverse_temperature: float,
-    iterations: int = 50,
-    tolerance: float = 1e-4,
-) -> torch.Tensor:
-    """Sinkhorn sort (Cuturi, Teboul & Vert 2019), top-K rows, log-domain.
-
-    Construction: the scores are standardised per row and squashed,
-    ``z = (n-1) * sigmoid((s - mean) / std)`` in (0, n-1).  Source measure:
-    the n classes with mass 1/n each.  Target measure: the K top rank anchors
-    ``n-K, ..., n-1`` with mass 1/n each plus one "rest" anchor at
-    ``(n-K-1)/2`` (barycentre of the ranks 0..n-K-1) carrying mass (n-K)/n
-    (no rest anchor when K >= n-1: a full sort onto anchors 0..n-1).  Cost is
-    squared distance, epsilon = 1/inverse_temperature.  Since the cost is
-    convex in 1-D, the unregularised plan is the monotone (sorting) plan, so as
-    epsilon -> 0 the top-K rows converge to the hard top-K permutation rows.
-    P = n * plan: rows (classes, summed over all anchors) and top-K columns sum
-    to 1 up to ``tolerance`` (checked on the class marginal after each sweep,
-    every 5 sweeps; the anchor marginal is exact after the last half-step).
-    Sweeps start with epsilon-scaling (eps = cost range, divided by 4 per sweep)
-    and count towards ``iterations``.
-    """
-    B, n = s.shape
-    eps = 1 / inverse_temperature
-    dt, dev = s.dtype, s.device
-    mean = s.mean(-1, keepdim=True)
-    std = s.std(-1, keepdim=True) if n > 1 else torch.ones_like(mean)
-    z = (n - 1) * torch.sigmoid((s - mean) / (std + 1e-8))
-    if k >= n - 1:
-        y = torch.arange(n, device=dev, dtype=dt)
-        log_b = torch.full((n,), -math.log(n), device=dev, dtype=dt)
-        first = n - k
-    else:
-        y = torch.cat([torch.tensor([(n - k - 1) / 2], device=dev, dtype=dt),
-                       torch.arange(n - k, n, device=dev, dtype=dt)])
-        log_b = torch.cat([torch.tensor([math.log((n - k) / n)], device=dev, dtype=dt),
-                           torch.full((k,), -math.log(n), device=dev, dtype=dt)])
-        first = 1
-    C = (z.unsqueeze(-1) - y.view(1, 1, -1)).pow(2)  # [B, n, r]
-    log_a = -math.log(n)
-    f = torch.zeros(B, n, device=dev, dtype=dt)
-    g = torch.zeros(B, y.shape[0], device=dev, dtype=dt)
-    # epsilon-scaling: start at the cost range and halve towards eps (warm-started potentials),
-    # then plain sweeps at eps until the class marginal is within tolerance.
-    eps0 = max(float((n - 1) ** 2), eps)
-    schedule = []
-    while eps0 > eps and len(schedule) < iterations - 1:
-        schedule.append(eps0)
-        eps0 /= 4
-    schedule += [eps] * max(1, iterations - len(schedule))
-    for it, e in enumerate(schedule):
-        f = e * log_a - e * torch.logsumexp((g.unsqueeze(1) - C) / e, dim=2)
-        g = e * log_b - e * torch.logsumexp((f.unsqueeze(2) - C) / e, dim=1)
-        if e == eps and tolerance > 0 and (it + 1) % 5 == 0:
-            with torch.no_grad():
-                rows = torch.exp((f.unsqueeze(2) + g.unsqueeze(1) - C) / eps).sum(-1) * n
-                if float((rows - 1).abs().max()) < tolerance:
-                    break
-    P = torch.exp((f.unsqueeze(2) + g.unsqueeze(1) - C) / eps) * n  # [B, n, r]
-    return P[..., first:].transpose(1, 2)
-
-
-def network_label_mass(
-    x: torch.Tensor,
-    labels: torch.Tensor,
-    network: TorchNetwork,
-    weights: torch.Tensor,
-    steepness: float,
-    distribution: str,
-    art_lambda: float,
-) -> torch.Tensor:
-    """``sum_j weights[j] * P[b, n-K+j, labels[b]]`` in a single forward sweep, ``[B]``.
-
-    Row ``y`` of ``P^T w`` equals pushing the one-hot label distribution forward through
-    the same soft swaps as the values (the layer matrices act identically on the
-    value vector and on the label's wire distribution), so values and label mass are
-    carried together as a ``[B, 2, n]`` tensor: O(layers * n), no second pass.
-    """
-    B, n = x.shape
-    q = torch.zeros_like(x).scatter(1, labels.unsqueeze(1), 1.0)
-    z = torch.stack([x, q], 1)
-    for a, _b, dst, src in network.on(x.device):
-        L = a.shape[0]
-        g = z.index_select(2, src)
-        za, zb = g[..., :L], g[..., L:]
-        alpha = swap_probability(zb[:, 0] - za[:, 0], distribution, steepness, art_lambda).unsqueeze(1)
-        beta = 1 - alpha  # explicit convex weights: keeps tiny label masses relatively exact
-        mn = alpha * za + beta * zb
-        mx = beta * za + alpha * zb
-        z = z.index_copy(2, dst, torch.cat([mn, mx], 2))
-    return z[:, 1, n - weights.shape[0]:] @ weights

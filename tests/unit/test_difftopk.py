@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import harness
 import losses  # noqa: F401
-from harness.lossbench import install_torch_sparse_shim
+from harness.reference import install_torch_sparse_shim
 
 install_torch_sparse_shim()  # pure-torch torch_sparse.spmm so the reference's sparse networks run
 with contextlib.redirect_stdout(io.StringIO()):
@@ -27,28 +27,71 @@ def _cases():
             yield srt, d
 
 
+def _to_double(obj):
+    """The reference keeps its network matrices as float32 tensors in nested lists/tuples."""
+    if isinstance(obj, torch.Tensor):
+        return obj.double() if obj.is_floating_point() else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_double(o) for o in obj)
+    return obj
+
+
+def _reference(method, n, m, dist, mode, dtype):
+    with contextlib.redirect_stdout(io.StringIO()):
+        ref = difftopk.TopKCrossEntropyLoss(method, 2.0, PK, n, m=m, distribution=dist, art_lambda=0.3, top1_mode=mode)
+    if dtype == torch.float64 and hasattr(ref, "top_k_net"):
+        ref.top_k_net.sorting_network = _to_double(ref.top_k_net.sorting_network)
+    return ref
+
+
+class _TorchWithDoubleFloatTensor:
+    """`torch` as the reference's NeuralSort sees it in float64 runs (it hard-codes torch.FloatTensor)."""
+
+    def __getattr__(self, name):
+        return getattr(torch, "DoubleTensor" if name == "FloatTensor" else name)
+
+
+def _value_and_grad(fn, x, y):
+    """Loss and gradient; the reference builds some constants with the default dtype (and FloatTensor)."""
+    x = x.clone().requires_grad_()
+    default, neuralsort_torch = torch.get_default_dtype(), difftopk.neuralsort.torch
+    torch.set_default_dtype(x.dtype)
+    if x.dtype == torch.float64:
+        difftopk.neuralsort.torch = _TorchWithDoubleFloatTensor()
+    try:
+        value = fn(x, y)
+        value.backward()
+    finally:
+        torch.set_default_dtype(default)
+        difftopk.neuralsort.torch = neuralsort_torch
+    return value.item(), x.grad
+
+
 @pytest.mark.parametrize("sorter,dist", list(_cases()))
 def test_parity_with_reference(sorter, dist):
+    """float64: equal to 1e-9. float32: values to 1e-5 relative; gradients to 1e-5 of their largest entry,
+    or, where float32 itself cannot resolve that (many layers, steep relaxations), no further from the
+    float64 result than twice the reference's own float32 error."""
     torch.manual_seed(sum(map(ord, sorter + dist)))
     n = 20
     for m in (None, 16):
         for mode in ("sort", "sm", "smce"):
-            x = torch.randn(4, n)
+            x = torch.randn(4, n, dtype=torch.float64)
             y = torch.randint(0, n, (4,))
             mine = harness.build_loss("difftopk", n, sorter=sorter.replace("_dense", ""), p_k=PK, m=m,
-                                      top1_mode=mode, inverse_temperature=2.0, distribution=dist,
-                                      art_lambda=0.3)
-            with contextlib.redirect_stdout(io.StringIO()):
-                ref = difftopk.TopKCrossEntropyLoss(REF[sorter], 2.0, PK, n, m=m, distribution=dist,
-                                                    art_lambda=0.3, top1_mode=mode)
-            x1 = x.clone().requires_grad_()
-            l1 = mine(x1, y)
-            l1.backward()
-            x2 = x.clone().requires_grad_()
-            l2 = ref(x2, y)
-            l2.backward()
-            assert abs(l1.item() - l2.item()) <= 1e-5 * abs(l2.item()), (m, mode, l1.item(), l2.item())
-            assert (x1.grad - x2.grad).abs().max() <= 1e-5 * x2.grad.abs().max() + 1e-9, (m, mode, (x1.grad - x2.grad).abs().max())
+                                      top1_mode=mode, inverse_temperature=2.0, distribution=dist, art_lambda=0.3)
+            out = {}
+            for dtype in (torch.float64, torch.float32):
+                ref = _reference(REF[sorter], n, m, dist, mode, dtype)
+                out[dtype] = (_value_and_grad(mine, x.to(dtype), y), _value_and_grad(ref, x.to(dtype), y))
+            (v64, g64), (r64, rg64) = out[torch.float64]
+            (v32, g32), (r32, rg32) = out[torch.float32]
+            scale = rg64.abs().max().item()
+            assert v64 == pytest.approx(r64, rel=1e-9) and (g64 - rg64).abs().max() <= 1e-9 * scale, (m, mode)
+            assert v32 == pytest.approx(r32, rel=1e-5), (m, mode, v32, r32)
+            ref_noise = (rg32.double() - rg64).abs().max().item()  # the reference's own float32 error
+            if (g32 - rg32).abs().max().item() > 1e-5 * scale:
+                assert (g32.double() - rg64).abs().max().item() <= 2 * ref_noise, (m, mode, ref_noise)
 
 
 def test_pk_top1_sm_is_cross_entropy():
@@ -86,8 +129,9 @@ def test_batch_of_one_ties_bf16(sorter):
 @pytest.mark.parametrize("sorter", ["odd_even", "bitonic", "splitter_selection", "neuralsort", "softsort", "sinkhorn"])
 def test_gradcheck_float64(sorter):
     torch.manual_seed(1)
+    # Sinkhorn's gradient is implicit (exact at the fixed point): converge fully before comparing
     loss = harness.build_loss("difftopk", 10, sorter=sorter, p_k=[0.5, 0.5], top1_mode="sort",
-                              distribution="logistic", sinkhorn_iterations=10, sinkhorn_tolerance=0.0)
+                              distribution="logistic", sinkhorn_iterations=3000, sinkhorn_tolerance=1e-13)
     x = torch.randn(2, 10, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([1, 7])
     assert torch.autograd.gradcheck(lambda s: loss(s, y), (x,))

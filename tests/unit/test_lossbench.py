@@ -1,24 +1,71 @@
+"""bench-loss: config parsing, bench files, the table's rows, and memory-capped failures."""
 import math
+import subprocess
+import sys
 
-from harness.lossbench import COLUMNS, bench_losses, parse_config
+import pytest
+
+from harness.cli import main
+from harness.lossbench import COLUMNS, BenchError, bench_losses, load_bench_file, parse_config
 
 
 def test_parse_config():
     assert parse_config("softmax") == ("softmax", {})
     assert parse_config("difftopk:sorter=bitonic,m=16,p_k=[0.5,0,0,0,0.5]") == (
         "difftopk", {"sorter": "bitonic", "m": 16, "p_k": [0.5, 0, 0, 0, 0.5]})
+    with pytest.raises(BenchError, match="expected key=value"):
+        parse_config("difftopk:bitonic")
 
 
-def test_tiny_bench():
+def test_tiny_bench_rows_ratios_and_reference():
     df = bench_losses([("difftopk", {"sorter": "odd_even"}), ("softmax", {})], [20], 8, "cpu", 1,
                       repeats=2, warmup=1, reference=True, memory=True)
     assert list(df.columns) == COLUMNS
-    assert df.loss.tolist()[0] == "cross_entropy"
+    assert df.loss.tolist()[0] == "cross_entropy" and df.ratio_vs_ce.iloc[0] == 1.0
     assert "softmax" in df.loss.tolist() and "difftopk" in df.loss.tolist()
-    assert any(x.startswith("ref:") for x in df.loss)
+    assert "ref:TopKCrossEntropyLoss[odd_even]" in df.loss.tolist()
     ok = df[df.status == "ok"]
-    assert len(ok) >= 3
+    assert len(ok) == 4
     assert (ok.median_ms > 0).all() and (ok.ratio_vs_ce > 0).all()
     assert all(not math.isnan(v) and v >= 0 for v in ok.peak_mem_mb)
     bad = bench_losses([("difftopk", {"m": 100})], [20], 4, "cpu", 1, repeats=1, warmup=0, memory=False)
-    assert bad.status.iloc[1].startswith("error")
+    assert bad.status.iloc[1].startswith("error") and "m=100" in bad.status.iloc[1]
+
+
+def test_bench_file_expands_grid(tmp_path):
+    path = tmp_path / "b.yaml"
+    path.write_text("bench: b\nclasses: [20]\nlosses:\n  - softmax\n"
+                    "  - {name: difftopk, params: {sorter: [odd_even, bitonic], m: 16}}\n")
+    bench, configs = load_bench_file(path)
+    assert bench.classes == [20] and bench.threads == 1
+    assert configs == [("softmax", {}), ("difftopk", {"sorter": "odd_even", "m": 16}),
+                       ("difftopk", {"sorter": "bitonic", "m": 16})]
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("bench: b\nlosses: [softmx]\n", "losses[0].name: unknown loss 'softmx' (did you mean 'softmax'?)"),
+    ("bench: b\nlosses: [{name: difftopk, params: {sortr: bitonic}}]\n", "losses[0].params.sortr"),
+    ("bench: b\nlosses: [{name: difftopk, params: {sorter: quicksort}}]\n", "losses[0].params.sorter"),
+    ("bench: b\nclases: [10]\nlosses: [softmax]\n", "clases"),
+    ("bench: b\nbatch_size: 0\nlosses: [softmax]\n", "batch_size"),
+    ("bench: b\nlosses: [softmax\n", "invalid YAML"),
+])
+def test_bad_bench_file_is_one_line_exit_2(tmp_path, capsys, text, fragment):
+    path = tmp_path / "b.yaml"
+    path.write_text(text)
+    assert main(["bench-loss", "--suite", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and fragment in err, err
+
+
+def test_config_over_the_memory_cap_is_oom_not_a_crash(tmp_path):
+    """The reference's NeuralSort materialises [B, n, n]: 1 GiB here, over a 0.4 GiB cap."""
+    out = tmp_path / "t.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "bench-loss", "--loss", "difftopk:sorter=neuralsort", "--classes", "1000",
+         "--batch-size", "256", "--repeats", "1", "--warmup", "0", "--no-memory", "--memory-limit-gb", "0.4",
+         "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    table = out.with_suffix(".csv").read_text()
+    assert "ref:TopKCrossEntropyLoss[neuralsort],difftopk:sorter=neuralsort,1000,256,cpu,,,,oom" in table
+    assert "\ndifftopk,difftopk:sorter=neuralsort,1000,256,cpu," in table and ",ok\n" in table

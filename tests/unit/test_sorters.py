@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from losses.difftopk.networks import TorchNetwork
+from losses.difftopk.sinkhorn import sinkhorn_topk
 from losses.difftopk.sorters import (
     network_topk,
     neuralsort_topk,
-    sinkhorn_topk,
     softsort_topk,
     topk_readout,
 )
