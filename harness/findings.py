@@ -8,6 +8,7 @@ Rows with missing or failed seeds are never compared.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from scipy import stats
@@ -24,7 +25,9 @@ def welch_p(a: np.ndarray, b: np.ndarray) -> float:
         return 1.0
     if np.ptp(a) == 0 and np.ptp(b) == 0:  # e.g. the same integer k@99 on every seed
         return 1.0 if a[0] == b[0] else 0.0
-    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    with warnings.catch_warnings():  # nearly identical seeds: scipy warns, the p-value is still right
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
     return 1.0 if math.isnan(p) else p
 
 
@@ -42,7 +45,8 @@ def _metric_line(board: Board, col: Column) -> tuple[str, set[str], set[str]]:
     base = rows.get(BASELINE)
     if base is None:
         return line + f" (no complete `{BASELINE}` row to compare with)", better, worse
-    line += f"; `{BASELINE}` {_fmt(base, col.digits)}"
+    if best != BASELINE:
+        line += f"; `{BASELINE}` {_fmt(base, col.digits)}"
     diffs = []
     for label, vals in rows.items():
         if label == BASELINE:

@@ -30,12 +30,8 @@ import io
 import json
 import math
 import os
-import random
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,6 +41,7 @@ import torch.nn.functional as F
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from harness.measure import cap_address_space, status_kb, time_interleaved
 from harness.reference import SPARSE_METHODS, build_reference, import_reference, install_torch_sparse_shim
 from harness.reference import reference_specs
 
@@ -184,32 +181,6 @@ def _status_of(exc: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- measurements
-def time_interleaved(fns: list[Callable], inputs: list[tuple], device: torch.device, repeats: int,
-                     warmup: int) -> list[float]:
-    """Median ms of a forward+backward pass of each fn, timed in interleaved rounds.
-
-    Each round times every fn once, in a freshly shuffled order (fixed seed), so slow drifts of the
-    machine (frequency, other load) and the cache state left by the previous pass hit all of them
-    alike and the ratios to the cross-entropy row stay honest.
-    """
-    times: list[list[float]] = [[] for _ in fns]
-    order = list(range(len(fns)))
-    shuffle = random.Random(0).shuffle
-    with contextlib.redirect_stdout(io.StringIO()):
-        for fn, (scores, labels) in zip(fns, inputs):
-            for _ in range(warmup):
-                _pass(fn, scores, labels)
-        for _ in range(repeats):
-            shuffle(order)
-            for i in order:
-                _sync(device)
-                start = time.perf_counter()
-                _pass(fns[i], *inputs[i])
-                _sync(device)
-                times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) * 1e3 for t in times]
-
-
 def _cuda_peak_mb(fn: Callable, scores: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
     _sync(device)
     torch.cuda.empty_cache()
@@ -248,34 +219,10 @@ def _child() -> None:
     fn = _build(job["kind"], job["name"], job["params"], job["n"], torch.device("cpu"))
     scores, labels = _inputs(job["n"], job["batch"], torch.device("cpu"))
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = _status_kb("VmHWM")
+    before = status_kb("VmHWM")
     with contextlib.redirect_stdout(io.StringIO()):
         _pass(fn, scores, labels)
-    print("LOSSBENCH " + json.dumps({"peak_mb": max(_status_kb("VmHWM") - before, 0) / 1024}))
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def cap_address_space(limit_gb: float | None) -> float | None:
-    """Cap this process's (and its children's) address space at its current size + `limit_gb`.
-
-    None: what is available now (MemAvailable). Returns the cap's headroom in GiB, or None where
-    /proc is missing (not Linux: no cap).
-    """
-    if not Path("/proc/meminfo").is_file():
-        return None
-    if limit_gb is None:
-        meminfo = Path("/proc/meminfo").read_text()
-        limit_gb = int(meminfo.split("MemAvailable:")[1].split()[0]) / 2**20
-    current = _status_kb("VmSize") * 1024
-    cap = int(current + limit_gb * 2**30)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, resource.getrlimit(resource.RLIMIT_AS)[1]))
-    return limit_gb
+    print("LOSSBENCH " + json.dumps({"peak_mb": max(status_kb("VmHWM") - before, 0) / 1024}))
 
 
 def _memory_pass(row: dict[str, Any], fn: Callable, inputs: tuple, job: dict[str, Any],

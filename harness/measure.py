@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -20,18 +22,60 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], object], device: torch.device, repeats: int = 10, warmup: int = 3) -> float:
-    """Median wall time of `fn()` in seconds, synchronised on CUDA, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _forward_backward(fn: Callable, scores: torch.Tensor, labels: torch.Tensor) -> None:
+    scores.grad = None
+    fn(scores, labels).backward()
+
+
+def time_interleaved(fns: list[Callable], inputs: list[tuple], device: torch.device, repeats: int,
+                     warmup: int) -> list[float]:
+    """Median ms of a forward+backward pass of each fn, timed in interleaved rounds.
+
+    Each round times every fn once, in a freshly shuffled order (fixed seed), so slow drifts of the
+    machine (frequency, other load) and the cache state left by the previous pass hit all of them
+    alike and the ratios to the cross-entropy row stay honest.
+    """
+    times: list[list[float]] = [[] for _ in fns]
+    order = list(range(len(fns)))
+    shuffle = random.Random(0).shuffle
+    with contextlib.redirect_stdout(io.StringIO()):
+        for fn, (scores, labels) in zip(fns, inputs):
+            for _ in range(warmup):
+                _forward_backward(fn, scores, labels)
+        for _ in range(repeats):
+            shuffle(order)
+            for i in order:
+                synchronize(device)
+                start = time.perf_counter()
+                _forward_backward(fns[i], *inputs[i])
+                synchronize(device)
+                times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) * 1e3 for t in times]
+
+
+def status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def cap_address_space(limit_gb: float | None) -> float | None:
+    """Cap this process's (and its children's) address space at its current size + `limit_gb`.
+
+    None: what is available now (MemAvailable). Returns the cap's headroom in GiB, or None where
+    /proc is missing (not Linux: no cap).
+    """
+    if not Path("/proc/meminfo").is_file():
+        return None
+    if limit_gb is None:
+        meminfo = Path("/proc/meminfo").read_text()
+        limit_gb = int(meminfo.split("MemAvailable:")[1].split()[0]) / 2**20
+    current = status_kb("VmSize") * 1024
+    cap = int(current + limit_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    return limit_gb
 
 
 def reset_peak_memory(device: torch.device) -> None:

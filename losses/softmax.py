@@ -25,4 +25,5 @@ class SoftmaxCE(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(scores.float(), labels, label_smoothing=self.label_smoothing)
+        work = scores if scores.dtype == torch.float64 else scores.float()  # bf16/fp16 scores: float32 math
+        return F.cross_entropy(work, labels, label_smoothing=self.label_smoothing)

@@ -57,3 +57,23 @@ def test_torchvision_by_name(arch):
 def test_torchvision_unknown_name():
     with pytest.raises(RegistryError, match="did you mean 'resnet18'"):
         build("torchvision", arch="resnet81")
+
+
+def test_random_images_train_one_epoch_end_to_end(write_suite, tmp_path):
+    """The timing stand-in for CIFAR-100: CIFAR shapes, on-device crop + flip, through `topk-bench run`."""
+    from harness.cli import main
+    from harness.store import RunStore
+
+    path = write_suite("""
+suite: ri
+seeds: [0]
+dataset: {name: random_images, params: {classes: 10, train_size: 64, val_size: 16, test_size: 16}}
+model: {name: small_cnn, params: {width: 4}}
+train: {epochs: 1, batch_size: 32, channels_last: true}
+losses: [softmax]
+resources: {device: cpu}
+""")
+    assert main(["run", str(path), "--results-dir", str(tmp_path / "r")]) == 0
+    (record,) = RunStore(tmp_path / "r", "ri").records()
+    assert record["status"] == "done" and record["timings"]["median_epoch_s"] > 0
+    assert record["data_info"]["purpose"].startswith("timing only")
