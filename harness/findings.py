@@ -17,6 +17,7 @@ from harness.leaderboard import Board, Column
 
 BASELINE = "softmax"
 ALPHA = 0.05
+MAX_LISTED = 6  # per metric and direction; the table has the rest
 
 
 def welch_p(a: np.ndarray, b: np.ndarray) -> float:
@@ -61,10 +62,16 @@ def _metric_line(board: Board, col: Column) -> tuple[str, set[str], set[str]]:
     ups = [text for gain, text in sorted(diffs, reverse=True) if gain > 0]
     downs = [text for gain, text in sorted(diffs) if gain < 0]
     if ups:
-        line += f"; better than `{BASELINE}`: " + ", ".join(ups)
+        line += f"; better than `{BASELINE}`: " + _listing(ups)
     if downs:
-        line += "; worse: " + ", ".join(downs)
+        line += "; worse: " + _listing(downs)
     return line, better, worse
+
+
+def _listing(items: list[str], most: int = MAX_LISTED) -> str:
+    """The first `most` items (largest effects first) and how many more there are."""
+    more = f" and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
 
 
 def board_findings(board: Board) -> list[str]:

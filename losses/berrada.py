@@ -39,20 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.registry import Param, register_loss
+from losses.common import check_k, working_precision
 
 log = logging.getLogger(__name__)
 
 PAPER = "Berrada, Zisserman, Kumar. Smooth Loss Functions for Deep Top-k Classification. ICLR 2018"
 _NEG = -1e30  # finite stand-in for log(0): keeps logsumexp gradients free of NaN
-
-
-def _work_dtype(scores: torch.Tensor) -> torch.dtype:
-    return torch.float64 if scores.dtype == torch.float64 else torch.float32
-
-
-def _check_k(k: int, num_classes: int) -> None:
-    if k < 1 or k >= num_classes:
-        raise ValueError(f"k={k} must satisfy 1 <= k < num_classes={num_classes}")
 
 
 @lru_cache(maxsize=None)
@@ -277,7 +269,7 @@ def smooth_topk_svm(
     """
     if method not in ("auto", "newton", "linear", "log"):
         raise ValueError(f"method={method!r} must be auto, newton, linear or log")
-    x = scores.to(_work_dtype(scores))
+    x = working_precision(scores)
     b, n = x.shape
     scale = 1.0 / (k * tau)
 
@@ -330,7 +322,7 @@ def smooth_topk_svm(
 
 def hard_topk_svm(scores: torch.Tensor, labels: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
     """Per-sample hard top-k SVM loss max{α + ((s\\y)_[k] − s_y)/k, 0} ([B, n], [B] -> [B])."""
-    s = scores.to(_work_dtype(scores))
+    s = working_precision(scores)
     s_y = s.gather(1, labels[:, None]).squeeze(1)
     others = s.scatter(1, labels[:, None], float("-inf"))
     kth = others.topk(k, dim=1).values[:, k - 1]
@@ -353,7 +345,7 @@ class BerradaHardTopK(nn.Module):
 
     def __init__(self, num_classes: int, k: int = 5, alpha: float = 1.0) -> None:
         super().__init__()
-        _check_k(k, num_classes)
+        check_k(k, num_classes)
         if alpha < 0:
             raise ValueError(f"alpha={alpha} must be >= 0")
         self.num_classes, self.k, self.alpha = num_classes, k, float(alpha)
@@ -374,7 +366,7 @@ class BerradaSmoothTopK(nn.Module):
 
     def __init__(self, num_classes: int, k: int = 5, alpha: float = 1.0, tau: float = 1.0) -> None:
         super().__init__()
-        _check_k(k, num_classes)
+        check_k(k, num_classes)
         if alpha < 0:
             raise ValueError(f"alpha={alpha} must be >= 0")
         if not tau > 0:

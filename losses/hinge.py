@@ -8,12 +8,9 @@ import torch
 from torch import nn
 
 from harness.registry import Param, register_loss
+from losses.common import check_k, working_precision
 
 log = logging.getLogger(__name__)
-
-
-def _work(scores: torch.Tensor) -> torch.Tensor:
-    return scores if scores.dtype == torch.float64 else scores.float()
 
 
 @register_loss(
@@ -28,12 +25,11 @@ class CrammerSinger(nn.Module):
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes={num_classes} must be >= 2")
+        check_k(1, num_classes)
         self.num_classes = num_classes
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        s = _work(scores)
+        s = working_precision(scores)
         s_y = s.gather(1, labels[:, None]).squeeze(1)
         best_other = s.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
         return torch.clamp(1.0 + best_other - s_y, min=0.0).mean()
@@ -57,12 +53,11 @@ class CalibratedHinge(nn.Module):
 
     def __init__(self, num_classes: int, k: int = 5) -> None:
         super().__init__()
-        if k < 1 or k >= num_classes:
-            raise ValueError(f"k={k} must satisfy 1 <= k < num_classes={num_classes}")
+        check_k(k, num_classes)
         self.num_classes, self.k = num_classes, k
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        s = _work(scores)
+        s = working_precision(scores)
         s_y = s.gather(1, labels[:, None]).squeeze(1)
         kth1 = s.topk(self.k + 1, dim=1).values[:, self.k]
         return torch.clamp(1.0 + kth1 - s_y, min=0.0).mean()

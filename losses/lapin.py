@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.registry import Param, register_loss
+from losses.common import check_k, working_precision
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +42,6 @@ _K = Param(int, 5, ge=1, doc="k of top-k (k < num_classes)")
 _GAMMA = Param(float, 0.0, ge=0.0, doc="Moreau smoothing γ (0 = non-smooth)")
 _LAPIN16 = "Lapin, Hein, Schiele. Loss functions for top-k error: analysis and insights. CVPR 2016"
 _LAPIN15 = "Lapin, Hein, Schiele. Top-k Multiclass SVM. NIPS 2015"
-
-
-def _work(scores: torch.Tensor) -> torch.Tensor:
-    return scores if scores.dtype == torch.float64 else scores.float()
-
-
-def _check_k(num_classes: int, k: int) -> None:
-    if num_classes < 2:
-        raise ValueError(f"num_classes={num_classes} must be >= 2")
-    if k < 1 or k >= num_classes:
-        raise ValueError(f"k={k} must satisfy 1 <= k < num_classes={num_classes}")
 
 
 def _check_gamma(gamma: float) -> None:
@@ -67,7 +57,7 @@ def _without_target(v: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def _margins(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """a\\y: the [B, n−1] differences s_j − s_y for j ≠ y."""
-    s = _work(scores)
+    s = working_precision(scores)
     return _without_target(s - s.gather(1, labels[:, None]), labels)
 
 
@@ -190,7 +180,7 @@ class _TopKSVM(nn.Module):
 
     def __init__(self, num_classes: int, k: int = 5, gamma: float = 0.0) -> None:
         super().__init__()
-        _check_k(num_classes, k)
+        check_k(k, num_classes)
         _check_gamma(gamma)
         self.num_classes, self.k, self.gamma = num_classes, k, float(gamma)
 
@@ -264,7 +254,7 @@ class TopKEntropy(nn.Module):
 
     def __init__(self, num_classes: int, k: int = 5) -> None:
         super().__init__()
-        _check_k(num_classes, k)
+        check_k(k, num_classes)
         self.num_classes, self.k = num_classes, k
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -306,11 +296,11 @@ class TruncatedTopKEntropy(nn.Module):
 
     def __init__(self, num_classes: int, k: int = 5) -> None:
         super().__init__()
-        _check_k(num_classes, k)
+        check_k(k, num_classes)
         self.num_classes, self.k = num_classes, k
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        s = _work(scores)
+        s = working_precision(scores)
         s_y = s.gather(1, labels[:, None]).squeeze(1)
         if self.k > 1:
             with torch.no_grad():

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from harness.registry import Param, register_loss
+from losses.common import check_k, working_precision
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,7 @@ class NoisedTopK(nn.Module):
         class_counts: list[int] | tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes={num_classes} must be >= 2")
-        if k < 1 or k >= num_classes:
-            raise ValueError(f"k={k} must satisfy 1 <= k < num_classes={num_classes}")
+        check_k(k, num_classes)
         if not epsilon > 0:
             raise ValueError(f"epsilon={epsilon} must be > 0")
         if n_sample < 1:
@@ -83,5 +81,5 @@ class NoisedTopK(nn.Module):
             self.impl = pytopk.BalNoisedTopK(k=k, epsilon=epsilon, n_sample=n_sample)
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        s = scores if scores.dtype == torch.float64 else scores.float()
+        s = working_precision(scores)
         return self.impl(s, labels)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.registry import Param, register_loss
+from losses.common import working_precision
 
 
 @register_loss(
@@ -25,5 +26,4 @@ class SoftmaxCE(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        work = scores if scores.dtype == torch.float64 else scores.float()  # bf16/fp16 scores: float32 math
-        return F.cross_entropy(work, labels, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(working_precision(scores), labels, label_smoothing=self.label_smoothing)

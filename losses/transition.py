@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.registry import Param, TrainingProgress, register_loss
+from losses.common import check_k, working_precision
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,7 @@ class TopKTransition(nn.Module):
         adaptive_target: float = 0.9,
     ) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes={num_classes} must be >= 2")
-        if k < 1 or k >= num_classes:
-            raise ValueError(f"k={k} must satisfy 1 <= k < num_classes={num_classes}")
+        check_k(k, num_classes)
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r} must be one of {list(SCHEDULES)}")
         if not 0.0 <= start <= end <= 1.0:
@@ -111,7 +109,7 @@ class TopKTransition(nn.Module):
         self.lam = min(1.0, max(0.0, float(lam)))
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        s = scores if scores.dtype == torch.float64 else scores.float()
+        s = working_precision(scores)
         if self.lam == 0.0:
             return F.cross_entropy(s, labels)
         grouped = grouped_topk_ce(s, labels, self.k).mean()

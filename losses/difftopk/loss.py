@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.registry import Param, register_loss
+from losses.common import working_precision
 from losses.difftopk.label_mass import network_label_mass
 from losses.difftopk.networks import NETWORKS, TorchNetwork
 from losses.difftopk.relaxations import DISTRIBUTIONS
@@ -129,7 +130,7 @@ class DiffTopKLoss(nn.Module):
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if scores.dim() != 2 or scores.shape[1] != self.num_classes:
             raise ValueError(f"scores must be [B, {self.num_classes}], got {tuple(scores.shape)}")
-        s = scores if scores.dtype == torch.float64 else scores.float()
+        s = working_precision(scores)
         labels = labels.long()
         if self.m is not None:
             s, labels = self.preselect(s, labels)

@@ -1,0 +1,18 @@
+"""Checks and conventions shared by the loss families."""
+from __future__ import annotations
+
+import torch
+
+
+def check_k(k: int, num_classes: int) -> None:
+    """One-line ValueError unless 1 ≤ k < num_classes (and num_classes ≥ 2)."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes} must be >= 2")
+    if k < 1 or k >= num_classes:
+        raise ValueError(f"k={k} must satisfy 1 <= k < num_classes={num_classes}")
+
+
+def working_precision(scores: torch.Tensor) -> torch.Tensor:
+    """Scores in the precision a loss computes in: float64 stays, everything else becomes float32
+    (bf16/fp16 logits from autocast get float32 loss math)."""
+    return scores if scores.dtype == torch.float64 else scores.float()
