@@ -56,7 +56,8 @@ def _metric_line(board: Board, col: Column) -> tuple[str, set[str], set[str]]:
         if p < ALPHA:
             delta = vals.mean() - base.mean()
             (better if sign * delta > 0 else worse).add(label)
-            diffs.append((sign * delta, f"`{label}` {delta:+.{col.digits}f} (p={p:.2g})"))
+            evidence = f"p={p:.2g}" if p > 0 else "the same on every seed"
+            diffs.append((sign * delta, f"`{label}` {delta:+.{col.digits}f} ({evidence})"))
     if not diffs:
         return line + f"; no loss differs from `{BASELINE}` beyond seed noise", better, worse
     ups = [text for gain, text in sorted(diffs, reverse=True) if gain > 0]
