@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from harness.measure import cap_address_space, status_kb, time_interleaved
+from harness.measure import cap_address_space, forward_backward, status_kb, synchronize, time_interleaved
 from harness.reference import SPARSE_METHODS, build_reference, import_reference, install_torch_sparse_shim
 from harness.reference import reference_specs
 
@@ -160,16 +160,6 @@ def _inputs(n: int, batch: int, device: torch.device, seed: int = 0) -> tuple[to
     return scores, labels
 
 
-def _pass(fn: Callable, scores: torch.Tensor, labels: torch.Tensor) -> None:
-    scores.grad = None
-    fn(scores, labels).backward()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _status_of(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:160]
     low = text.lower()
@@ -182,13 +172,13 @@ def _status_of(exc: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- measurements
 def _cuda_peak_mb(fn: Callable, scores: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
-    _sync(device)
+    synchronize(device)
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     with contextlib.redirect_stdout(io.StringIO()):
-        _pass(fn, scores, labels)
-    _sync(device)
+        forward_backward(fn, scores, labels)
+    synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
@@ -221,7 +211,7 @@ def _child() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = status_kb("VmHWM")
     with contextlib.redirect_stdout(io.StringIO()):
-        _pass(fn, scores, labels)
+        forward_backward(fn, scores, labels)
     print("LOSSBENCH " + json.dumps({"peak_mb": max(status_kb("VmHWM") - before, 0) / 1024}))
 
 

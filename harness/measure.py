@@ -22,7 +22,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _forward_backward(fn: Callable, scores: torch.Tensor, labels: torch.Tensor) -> None:
+def forward_backward(fn: Callable, scores: torch.Tensor, labels: torch.Tensor) -> None:
+    """One loss pass: forward on (scores, labels), backward into scores.grad (reset first)."""
     scores.grad = None
     fn(scores, labels).backward()
 
@@ -41,13 +42,13 @@ def time_interleaved(fns: list[Callable], inputs: list[tuple], device: torch.dev
     with contextlib.redirect_stdout(io.StringIO()):
         for fn, (scores, labels) in zip(fns, inputs):
             for _ in range(warmup):
-                _forward_backward(fn, scores, labels)
+                forward_backward(fn, scores, labels)
         for _ in range(repeats):
             shuffle(order)
             for i in order:
                 synchronize(device)
                 start = time.perf_counter()
-                _forward_backward(fns[i], *inputs[i])
+                forward_backward(fns[i], *inputs[i])
                 synchronize(device)
                 times[i].append(time.perf_counter() - start)
     return [statistics.median(t) * 1e3 for t in times]
