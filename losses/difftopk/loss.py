@@ -13,7 +13,6 @@ from losses.difftopk.relaxations import DISTRIBUTIONS
 from losses.difftopk.sinkhorn import sinkhorn_topk
 from losses.difftopk.sorters import (
     SORTERS,
-    network_topk,
     neuralsort_topk,
     softsort_topk,
 )
@@ -93,8 +92,8 @@ class DiffTopKLoss(nn.Module):
         # weight of ascending top-K column j (rank r = K - j from the top):
         # sort: sum_{k >= r} p_k; sm/smce: the k = 1 term is handled separately.
         lo = 1 if top1_mode == "sort" else 2
-        w = [sum(p_k[max(r, lo) - 1:]) for r in range(k, 0, -1)]
-        self.col_weights = w
+        weights = [sum(p_k[max(r, lo) - 1:]) for r in range(k, 0, -1)]
+        self.register_buffer("col_weights", torch.tensor(weights, dtype=torch.float64), persistent=False)
         self.topk_mass = sum(p_k) if top1_mode == "sort" else sum(p_k[1:])
 
     def extra_repr(self) -> str:
@@ -111,21 +110,19 @@ class DiffTopKLoss(nn.Module):
         return s.gather(1, sel), torch.zeros_like(labels)
 
     def topk_probability(self, s: torch.Tensor) -> torch.Tensor:
-        """sum_j w_j P[b, j, :]: the (non-top-1-softmax) top-k mass of every class, [B, n]."""
+        """sum_j w_j P[b, j, :]: the (non-top-1-softmax) top-k mass of every class, [B, n].
+
+        NeuralSort, SoftSort and Sinkhorn build the top-K rows of P; the networks need only the
+        label's entry, which `network_label_mass` computes without any row of P.
+        """
         k, it = self.k, self.inverse_temperature
-        n = s.shape[1]
-        w = torch.tensor(self.col_weights, dtype=s.dtype, device=s.device)
-        if self.network is not None:
-            readout = torch.zeros(1, 1, n, dtype=s.dtype, device=s.device)
-            readout[0, 0, n - k:] = w
-            return network_topk(s, self.network, readout, it, self.distribution, self.art_lambda)[:, 0]
         if self.sorter == "neuralsort":
             P = neuralsort_topk(s, k, it)
         elif self.sorter == "softsort":
             P = softsort_topk(s, k, it)
         else:
             P = sinkhorn_topk(s, k, it, self.sinkhorn_iterations, self.sinkhorn_tolerance)
-        return (P * w.view(1, -1, 1)).sum(1)
+        return (P * self.col_weights.to(s.dtype).view(1, -1, 1)).sum(1)
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if scores.dim() != 2 or scores.shape[1] != self.num_classes:
@@ -136,8 +133,7 @@ class DiffTopKLoss(nn.Module):
             s, labels = self.preselect(s, labels)
         y = labels.unsqueeze(1)
         if self.topk_mass > 0 and self.network is not None:
-            w = torch.tensor(self.col_weights, dtype=s.dtype, device=s.device)
-            q = network_label_mass(s, labels, self.network, w, self.inverse_temperature,
+            q = network_label_mass(s, labels, self.network, self.col_weights, self.inverse_temperature,
                                    self.distribution, self.art_lambda)
         elif self.topk_mass > 0:
             q = self.topk_probability(s).gather(1, y).squeeze(1)

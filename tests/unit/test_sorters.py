@@ -61,3 +61,23 @@ def test_network_rows_are_distributions():
     for kind in ("odd_even", "bitonic", "splitter_selection"):
         P = network_topk(x, TorchNetwork(kind, 37, 4), topk_readout(37, 4, x.dtype, x.device), 1.0, "cauchy", .5)
         assert torch.allclose(P.sum(2), torch.ones(5, 4), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["odd_even", "bitonic", "splitter_selection"])
+@pytest.mark.parametrize("dist", ["logistic_phi", "gaussian", "optimal"])
+def test_label_mass_backward_equals_autograd_through_the_rows(kind, dist):
+    """The hand-written label-mass pass equals reading the label's entry off the top-K rows (autograd)."""
+    from losses.difftopk.label_mass import network_label_mass
+
+    torch.manual_seed(2)
+    n, weights = 13, torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64)
+    x = torch.randn(4, n, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 5, 12, 7])
+    net = TorchNetwork(kind, n, K)
+    rows = network_topk(x, net, topk_readout(n, K, x.dtype, x.device), 1.5, dist, 0.5)  # [B, K, n]
+    expected = (rows * weights.view(1, -1, 1)).sum(1).gather(1, y[:, None]).squeeze(1)
+    got = network_label_mass(x, y, net, weights, 1.5, dist, 0.5)
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-14)
+    g_got, = torch.autograd.grad(got.sum(), x)
+    g_exp, = torch.autograd.grad(expected.sum(), x)
+    assert torch.allclose(g_got, g_exp, rtol=1e-10, atol=1e-12)
