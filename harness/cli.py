@@ -10,15 +10,12 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from harness.registry import DATASETS, LOSSES, MODELS, RegistryError
+from harness.errors import UserError
+from harness.registry import DATASETS, LOSSES, MODELS
 from harness.store import RunStore, collect, default_results_dir
-from harness.suite import Suite, SuiteError, load_suite
+from harness.suite import Suite, load_suite
 
 log = logging.getLogger("topk_bench")
-
-
-class UserError(Exception):
-    """A mistake in the user's input: reported as one line, exit code 2."""
 
 
 def _suite_and_store(args: argparse.Namespace) -> tuple[Suite, RunStore]:
@@ -170,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
-    except (SuiteError, RegistryError, UserError) as exc:
+    except UserError as exc:
         print(f"topk-bench: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from harness.errors import BenchError
 from harness.measure import cap_address_space, forward_backward, status_kb, synchronize, time_interleaved
 from harness.reference import SPARSE_METHODS, build_reference, import_reference, install_torch_sparse_shim
 from harness.reference import reference_specs
@@ -49,10 +50,6 @@ COLUMNS = ["loss", "config", "classes", "batch", "device", "median_ms", "ratio_v
 CE = "cross_entropy"
 SLOW_PASS_MS = 1000.0
 Config = tuple[str, dict[str, Any]]
-
-
-class BenchError(ValueError):
-    """A one-line problem with a bench-loss config or file."""
 
 
 # ----------------------------------------------------------------------------- configs
@@ -333,7 +330,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.cli import UserError
+    from harness.errors import UserError
 
     try:
         bench, configs = load_bench_file(args.suite) if args.suite else (None, [])

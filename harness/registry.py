@@ -8,12 +8,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterable, TypeVar
 
+from harness.errors import RegistryError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class RegistryError(ValueError):
-    """A user-facing lookup or validation error (one line)."""
 
 
 @dataclass(frozen=True)

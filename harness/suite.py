@@ -15,12 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from harness.registry import DATASETS, LOSSES, MODELS, Registry, RegistryError
+from harness.errors import RegistryError, SuiteError
+from harness.registry import DATASETS, LOSSES, MODELS, Registry
 from harness.spec import Component, RunSpec
-
-
-class SuiteError(ValueError):
-    """A one-line, user-facing problem with a suite file."""
 
 
 class _Strict(BaseModel):

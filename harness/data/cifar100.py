@@ -24,7 +24,8 @@ import torch
 
 from harness.data.base import DataBundle, Split
 from harness.data.labels import balanced_subset, block_groups, group_noise, stratified_split
-from harness.registry import Param, RegistryError, register_dataset
+from harness.errors import DataError
+from harness.registry import Param, register_dataset
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ PARAMS = {
 }
 
 
-class CIFARMissing(RegistryError):
+class CIFARMissing(DataError):
     """CIFAR-100 files are absent and could not be downloaded."""
 
 

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from harness.data.base import DataBundle, Split
-from harness.registry import Param, RegistryError, register_dataset
+from harness.errors import DataError
+from harness.registry import Param, register_dataset
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -48,7 +49,7 @@ PARAMS = {
 }
 
 
-class FeatureFileError(RegistryError):
+class FeatureFileError(DataError):
     """A feature file is missing, unreadable or inconsistent (one line naming file and problem)."""
 
 

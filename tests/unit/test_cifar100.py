@@ -10,7 +10,8 @@ import torch
 from torchvision.datasets import CIFAR100
 
 from harness.data import cifar100
-from harness.registry import DATASETS, RegistryError
+from harness.errors import DataError
+from harness.registry import DATASETS
 
 PER_CLASS, TEST = 10, 200
 
@@ -145,10 +146,10 @@ def test_missing_files_offline_give_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(CIFAR100, "download", offline)
     entry = DATASETS.get("cifar100")
-    with pytest.raises(RegistryError) as err:
+    with pytest.raises(DataError) as err:
         entry.obj(seed=0, **entry.validate_params({"root": str(tmp_path / "none")}))
     msg = str(err.value)
     assert "\n" not in msg and "cifar-100-python/" in msg and str(tmp_path / "none") in msg
     assert "download failed" in msg
-    with pytest.raises(RegistryError, match="download=false"):
+    with pytest.raises(DataError, match="download=false"):
         load(tmp_path / "none")
