@@ -161,6 +161,9 @@ def read_npy_dir(path: Path) -> tuple[dict[str, Any], list[str] | None]:
             except (OSError, ValueError) as exc:
                 if isinstance(exc, FeatureFileError):
                     raise
+                if "pickled" in str(exc):
+                    raise fail(path, f"cannot read {key}: it holds pickled objects, which are refused "
+                                     "(save plain numeric arrays)") from None
                 raise fail(path, f"cannot read {key} ({' '.join(str(exc).split())})") from None
     names_file = path / "class_names.txt"
     names = None

@@ -225,3 +225,84 @@ def test_extract_features_through_the_cli(tmp_path):
                      "--device", "cpu", "--out", str(tmp_path / "cli")]) == 0
     with np.load(tmp_path / "cli.npz") as z:
         assert z["train_features"].shape[0] == 6 and z["val_features"].shape[0] == 4
+
+
+# ---- holdout protocol on a real-size file ------------------------------------------------------
+N_REAL, D_REAL, C_REAL = 50_676, 64, 100  # the file: ~50 k training samples, no test split
+
+
+def _real_size(fmt: str, root: Path) -> tuple[Path, dict]:
+    rng = np.random.default_rng(1)
+    a = {"train_features": rng.standard_normal((N_REAL, D_REAL)).astype(np.float16),
+         "train_labels": rng.integers(0, C_REAL, N_REAL).astype(np.int64),
+         "val_features": rng.standard_normal((5000, D_REAL)).astype(np.float16),
+         "val_labels": (np.arange(5000) % C_REAL).astype(np.int64)}
+    if fmt == "npz":
+        np.savez(root / "f.npz", **a)
+        return root / "f.npz", a
+    if fmt == "safetensors":
+        save_file(a, str(root / "f.safetensors"))
+        return root / "f.safetensors", a
+    for k, v in a.items():
+        for i, part in enumerate(np.array_split(v, 4 if k.startswith("train") else 1)):
+            np.save(root / f"{k}-{i:05d}.npy", part)
+    return root, a
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors", "npy"])
+def test_default_holdout_is_a_tenth_of_a_real_size_train_set(tmp_path, fmt):
+    path, a = _real_size(fmt, tmp_path)
+    b, n = load(path)
+    hold = round(0.1 * N_REAL)  # 5068: val_fraction 0.1, far below the 50 000 cap
+    assert (len(b.train), len(b.val), len(b.test)) == (N_REAL - hold, hold, 5000)
+    assert b.info["val_holdout_used"] == hold and b.info["val_source"] == "train holdout"
+    d = b.describe()
+    assert (d["train_size"], d["val_size"], d["test_size"]) == (N_REAL - hold, hold, 5000)
+    assert d["classes"] == n == C_REAL and d["classes_in_train"] == C_REAL and d["classes_in_test"] == C_REAL
+    # train and val partition the file's training split (labels as a multiset)
+    np.testing.assert_array_equal(np.sort(np.r_[b.train.y.numpy(), b.val.y.numpy()]), np.sort(a["train_labels"]))
+    b2, _ = load(path, val_holdout=20_000)  # explicit absolute holdout overrides the fraction
+    assert (len(b2.train), len(b2.val)) == (N_REAL - 20_000, 20_000)
+
+
+def test_holdout_cap_fraction_and_refusal(tmp_path, monkeypatch):
+    from harness.data import features
+
+    np.savez(tmp_path / "f.npz", **arrays(n_train=1000))
+    b, _ = load(tmp_path / "f.npz", val_fraction=0.25)
+    assert (len(b.train), len(b.val)) == (750, 250)
+    monkeypatch.setattr(features, "VAL_HOLDOUT_CAP", 40)
+    b, _ = load(tmp_path / "f.npz")
+    assert len(b.val) == 40 and b.info["val_holdout_used"] == 40
+    b, _ = load(tmp_path / "f.npz", val_holdout=500)  # exactly half kept: allowed
+    assert len(b.train) == 500
+    with pytest.raises(FeatureFileError, match="val_holdout=501 holds out 501 of the 1000 training samples"):
+        load(tmp_path / "f.npz", val_holdout=501)
+    with pytest.raises(ValueError, match="val_fraction"):
+        load(tmp_path / "f.npz", val_fraction=0.6)
+
+
+def test_file_with_test_split_ignores_holdout_and_describes_itself(tmp_path):
+    a = arrays(test=True)
+    a["val_labels"][:] = 0  # val holds a single class
+    np.savez(tmp_path / "f.npz", **a)
+    b, _ = load(tmp_path / "f.npz", val_holdout=100)
+    assert b.info["val_holdout_used"] == 0 and b.info["val_source"] == "file"
+    assert b.describe() == {"classes": C, "train_size": 120, "val_size": 40, "test_size": 30,
+                            "classes_in_train": C, "classes_in_val": 1, "classes_in_test": C}
+
+
+def test_every_dataset_describes_its_splits():
+    from harness.registry import DATASETS
+
+    entry = DATASETS.get("synthetic")
+    b = entry.obj(seed=0, **entry.validate_params({"classes": 6, "superclasses": 2, "train_size": 50,
+                                                   "val_size": 20, "test_size": 30}))
+    d = b.describe()
+    assert (d["classes"], d["train_size"], d["val_size"], d["test_size"]) == (6, 50, 20, 30)
+    assert d["classes_in_train"] == len(set(b.train.y.tolist())) <= 6
+    entry = DATASETS.get("random_images")
+    b = entry.obj(seed=0, **entry.validate_params({"classes": 300, "train_size": 40, "val_size": 10,
+                                                   "test_size": 10, "image_size": 8}))
+    d = b.describe()
+    assert d["classes"] == 300 and d["classes_in_train"] == len(set(b.train.y.tolist())) <= 40
