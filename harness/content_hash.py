@@ -20,7 +20,7 @@ from typing import Any
 from harness.errors import DataError
 
 log = logging.getLogger(__name__)
-ALGORITHM = "blake2b"  # 256-bit digests; see the README for hashing speed
+ALGORITHM = "sha256"  # faster than blake2b where the CPU has SHA extensions (README: hashing speed)
 CHUNK = 4 << 20  # 4 MiB reads
 MAX_CACHE_ENTRIES = 2000
 _memory: dict[str, str] = {}
@@ -67,7 +67,7 @@ def _write_cache(new: dict[str, str]) -> None:
 
 
 def _hasher() -> Any:
-    return hashlib.blake2b(digest_size=32)
+    return hashlib.new(ALGORITHM)
 
 
 def hash_file(path: Path) -> str:

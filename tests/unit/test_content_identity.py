@@ -68,7 +68,7 @@ def test_digest_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     real = content_hash.hash_file
     monkeypatch.setattr(content_hash, "hash_file", lambda p: calls.append(p) or real(p))
     d1 = content_hash.content_digest(str(a))
-    assert d1.startswith("blake2b:") and len(calls) == 1
+    assert d1.startswith("sha256:") and len(calls) == 1
     assert content_hash.content_digest(str(a)) == d1 and len(calls) == 1  # memory
     monkeypatch.setattr(content_hash, "_memory", {})
     assert content_hash.content_digest(str(a)) == d1 and len(calls) == 1  # disk cache
@@ -87,8 +87,8 @@ def test_digest_matches_a_plain_hash_and_survives_a_corrupt_cache(tmp_path):
     a = write_npz(tmp_path / "f.npz", seed=0)
     content_hash.cache_file().parent.mkdir(parents=True, exist_ok=True)
     content_hash.cache_file().write_text("[not, a, dict")
-    expected = hashlib.blake2b(a.read_bytes(), digest_size=32).hexdigest()
-    assert content_hash.content_digest(str(a)) == f"blake2b:{expected}"
+    expected = hashlib.sha256(a.read_bytes()).hexdigest()
+    assert content_hash.content_digest(str(a)) == f"sha256:{expected}"
     assert json.loads(content_hash.cache_file().read_text())  # rewritten as a valid cache
 
 

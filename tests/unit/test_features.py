@@ -306,3 +306,48 @@ def test_every_dataset_describes_its_splits():
                                                    "test_size": 10, "image_size": 8}))
     d = b.describe()
     assert d["classes"] == 300 and d["classes_in_train"] == len(set(b.train.y.tolist())) <= 40
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_finite_bit_test_matches_numpy(dtype):
+    from harness.data.features import _finite_rows
+
+    info = np.finfo(dtype)
+    specials = [np.nan, -np.nan, np.inf, -np.inf, info.max, -info.max, info.tiny, info.smallest_subnormal, -0.0, 0.0]
+    x = np.random.default_rng(0).standard_normal((len(specials) * 3, 5)).astype(dtype)
+    for i, v in enumerate(specials):
+        x[3 * i, i % 5] = v
+    np.testing.assert_array_equal(_finite_rows(x), np.isfinite(x).all(axis=1))
+    np.testing.assert_array_equal(_finite_rows(x[:, ::2]), np.isfinite(x[:, ::2]).all(axis=1))  # strided view
+
+
+def test_sparse_labels_need_declared_classes(tmp_path):
+    a = arrays()
+    a["train_labels"][0] = 999  # 8 distinct labels up to 999: 992 of 1000 classes empty
+    np.savez(tmp_path / "f.npz", **a)
+    with pytest.raises(FeatureFileError, match="992 of 1000 classes would be empty"):
+        load(tmp_path / "f.npz")
+    np.savez(tmp_path / "g.npz", **a, class_names=np.array([f"c{i}" for i in range(1000)]))
+    b, n = load(tmp_path / "g.npz")  # the file says it has 1000 classes: fine
+    assert n == b.num_classes == 1000 and b.describe()["classes"] == 1000
+    a["train_labels"][0] = 2 * C - 1  # 13 = max: 7 + 1 used of 14, half empty: still allowed
+    np.savez(tmp_path / "h.npz", **a)
+    assert load(tmp_path / "h.npz")[1] == 2 * C
+
+
+def test_record_carries_split_sizes_and_class_counts(tmp_path):
+    import json as _json
+
+    from harness.cli import main
+
+    np.savez(tmp_path / "f.npz", **arrays(n_train=200))
+    suite = tmp_path / "s.yaml"
+    suite.write_text(f"suite: info\nseeds: [0]\ndataset: {{name: features, params: {{path: {tmp_path / 'f.npz'}}}}}\n"
+                     "model: {name: linear}\ntrain: {epochs: 1, batch_size: 50}\neval: {k: [1]}\nlosses: [softmax]\n"
+                     "resources: {device: cpu}\n")
+    assert main(["run", str(suite), "--results-dir", str(tmp_path / "r")]) == 0
+    (path,) = (tmp_path / "r").rglob("runs/*.json")
+    info = _json.loads(path.read_text())["data_info"]
+    assert (info["train_size"], info["val_size"], info["test_size"]) == (180, 20, 40)
+    assert info["classes"] == C and info["classes_in_test"] == C and 1 <= info["classes_in_val"] <= C
+    assert info["val_source"] == "train holdout" and info["storage_dtype"] == "float32"
