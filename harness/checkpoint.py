@@ -85,3 +85,13 @@ def load(path: Path, spec: RunSpec) -> dict[str, Any] | None:
         return state
     log.warning("ignoring checkpoint %s: %s; run %s starts over", path, problem, spec.run_id)
     return None
+
+
+def remove(path: Path | None) -> None:
+    """Delete a finished run's checkpoint; something else at that path (a folder) is left, logged."""
+    if path is None:
+        return
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot remove checkpoint %s (%s)", path, exc)

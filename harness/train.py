@@ -287,8 +287,7 @@ def run_one(spec: RunSpec, store: RunStore, device: str = "auto", timeout_min: f
             **(trainer.loss_timing(last_batch) if last_batch is not None else {}),
         }
         record["status"] = "done"
-        if ckpt is not None:
-            ckpt.unlink(missing_ok=True)
+        checkpoint.remove(ckpt)
     except NonFiniteLoss as exc:
         record.update(status="nan", error=str(exc))
     except RunTimeout as exc:

@@ -77,6 +77,8 @@ def _labels(path: Path, arrays: dict[str, Any], split: str) -> np.ndarray:
         raise fail(path, f"{split} split is empty")
     if y.min() < 0:
         raise fail(path, f"{split}_labels has negative label {int(y.min())}")
+    if int(y.max()) >= 2**62:
+        raise fail(path, f"{split}_labels has label {int(y.max())}, far beyond any class count")
     return y.astype(np.int64)
 
 

@@ -96,6 +96,10 @@ def _plant(kind: str, path: Path, marker: Path, tmp_path: Path, monkeypatch) -> 
         other = interrupted(tmp_path, suite(tmp_path, hidden=12), tmp_path / "wide", monkeypatch)
         forged = torch.load(other, weights_only=True)
         torch.save({**forged, **{k: genuine[k] for k in ("format", "run_id", "spec_sha256")}}, path)
+    elif kind == "a folder":
+        path.unlink()
+        path.mkdir()
+        (path / "data").write_text("not ours to delete")
     elif kind == "epoch out of range":
         torch.save({**genuine, "epoch": 7}, path)
     else:
@@ -103,7 +107,7 @@ def _plant(kind: str, path: Path, marker: Path, tmp_path: Path, monkeypatch) -> 
 
 
 KINDS = ["raw pickle", "torch zip with payload", "corrupt bytes", "truncated", "not a dict", "missing field",
-         "other run's checkpoint", "forged stamp, other model", "epoch out of range"]
+         "other run's checkpoint", "forged stamp, other model", "epoch out of range", "a folder"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -120,6 +124,10 @@ def test_bad_checkpoint_is_ignored_and_the_run_starts_over(tmp_path, monkeypatch
     assert rec["status"] == "done" and rec["resumed_from_epoch"] is None
     assert rec["metrics"] == reference["metrics"]
     assert [e["train_loss"] for e in rec["curves"]] == [e["train_loss"] for e in reference["curves"]]
+    if kind == "a folder":  # cannot be replaced: the run goes on without checkpoints and leaves it alone
+        assert (ckpt / "data").read_text() == "not ours to delete"
+        assert any("cannot write checkpoint" in r.getMessage() for r in caplog.records)
+        return
     assert any("ignoring checkpoint" in r.getMessage() and str(ckpt) in r.getMessage() for r in caplog.records)
     assert not ckpt.exists()  # replaced by the restarted run's own checkpoints, removed once done
 
