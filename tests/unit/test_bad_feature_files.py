@@ -121,7 +121,7 @@ CASES: dict[str, tuple[Callable[[Path], Path], str, dict]] = {
     "npz 1-D features": (npz(train_features=np.zeros(60, np.float32)), "must be a float array [N, ...]", {}),
     "npz missing key": (npz(val_labels=None), "missing 'val_labels'", {}),
     "npz label 10**6": (npz(train_labels=np.r_[arrays()["train_labels"][:-1], 10**6]), "classes would be empty", {}),
-    "npz uint64 label 2**63": (npz(val_labels=np.r_[arrays()["val_labels"][:-1], 2**63 + 5].astype(np.uint64)),
+    "npz uint64 label 2**63": (npz(val_labels=np.r_[arrays()["val_labels"][:-1].astype(np.uint64), np.uint64(2**63 + 5)]),
                                "far beyond any class count", {}),
     "npz float labels": (npz(train_labels=arrays()["train_labels"].astype(np.float64)), "1-D integer array", {}),
     "npz empty train": (npz(train_features=np.zeros((0, D), np.float32), train_labels=np.zeros(0, np.int64)),
