@@ -135,7 +135,12 @@ class Trainer:
         if state["cuda_rng"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         history = json.loads(state["history"])
-        self.history = History(epochs=list(history["epochs"]), curves=list(history["curves"]))
+        epochs, curves = history.get("epochs"), history.get("curves")
+        n = state["epoch"] + 1
+        if not (isinstance(epochs, list) and isinstance(curves, list) and len(epochs) == len(curves) == n
+                and all(isinstance(e, dict) for e in epochs + curves)):
+            raise ValueError(f"history does not hold {n} epochs")
+        self.history = History(epochs=epochs, curves=curves)
         self.step = state["step"]
         self.train_rank_hist = state["train_rank_hist"].to(self.device, torch.float32)
 
@@ -149,8 +154,6 @@ class Trainer:
         fresh = copy.deepcopy(self._state(-1))
         try:
             self._apply(state)
-            if len(self.history.epochs) != state["epoch"] + 1:
-                raise ValueError(f"history has {len(self.history.epochs)} epochs, expected {state['epoch'] + 1}")
         except Exception as exc:  # shapes or fields that do not fit this run's model: start over
             log.warning("ignoring checkpoint %s: it does not fit run %s (%s: %s); starting over",
                         self.checkpoint_path, self.spec.run_id, type(exc).__name__, " ".join(str(exc).split())[:200])

@@ -96,6 +96,9 @@ def _plant(kind: str, path: Path, marker: Path, tmp_path: Path, monkeypatch) -> 
         other = interrupted(tmp_path, suite(tmp_path, hidden=12), tmp_path / "wide", monkeypatch)
         forged = torch.load(other, weights_only=True)
         torch.save({**forged, **{k: genuine[k] for k in ("format", "run_id", "spec_sha256")}}, path)
+    elif kind == "history of another length":
+        history = json.loads(genuine["history"])
+        torch.save({**genuine, "history": json.dumps({k: v * 2 for k, v in history.items()})}, path)
     elif kind == "a folder":
         path.unlink()
         path.mkdir()
@@ -107,7 +110,7 @@ def _plant(kind: str, path: Path, marker: Path, tmp_path: Path, monkeypatch) -> 
 
 
 KINDS = ["raw pickle", "torch zip with payload", "corrupt bytes", "truncated", "not a dict", "missing field",
-         "other run's checkpoint", "forged stamp, other model", "epoch out of range", "a folder"]
+         "other run's checkpoint", "forged stamp, other model", "epoch out of range", "history of another length", "a folder"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -142,3 +145,17 @@ def test_genuine_checkpoint_resumes_and_loads_without_pickled_code(tmp_path, mon
     (rec,) = records(root)
     assert rec["status"] == "done" and rec["resumed_from_epoch"] == 2
     assert rec["metrics"] == reference["metrics"]
+
+
+@pytest.mark.cuda
+def test_checkpoint_written_on_cuda_resumes_on_cuda(tmp_path, monkeypatch):
+    """RNG states and optimizer state are saved from the GPU and restored onto it (loaded on the CPU first)."""
+    path = tmp_path / "suite-cuda.yaml"
+    path.write_text(SUITE.format(seed=0, hidden=8).replace("device: cpu", "device: cuda"))
+    root = tmp_path / "results"
+    ckpt = interrupted(tmp_path, path, root, monkeypatch, after_epoch=1)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["cuda_rng"] and all(t.device.type == "cpu" for t in state["cuda_rng"])
+    assert main(["run", str(path), "--results-dir", str(root)]) == 0
+    (rec,) = records(root)
+    assert rec["status"] == "done" and rec["resumed_from_epoch"] == 2
