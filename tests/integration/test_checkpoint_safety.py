@@ -78,7 +78,7 @@ class WritesMarker:
 def _plant(kind: str, path: Path, marker: Path, tmp_path: Path, monkeypatch) -> None:
     genuine = torch.load(path, weights_only=True)
     if kind == "raw pickle":
-        path.write_bytes(pickle.dumps({"model": WritesMarker(marker)}))
+        path.write_bytes(pickle.dumps({"model": WritesMarker(marker)}, protocol=2))
     elif kind == "torch zip with payload":
         torch.save({**genuine, "history": WritesMarker(marker)}, path)
     elif kind == "corrupt bytes":
