@@ -111,8 +111,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     failed = sum(n for s, n in outcomes.items() if s not in ("done", "claimed", "skipped"))
     elsewhere = outcomes.get("claimed", 0)
     skipped += outcomes.get("skipped", 0)
-    print(f"{suite.name}: {outcomes.get('done', 0)} done, {failed} not done "
-          f"({', '.join(f'{n} {s}' for s, n in outcomes.items() if s not in ('done', 'claimed', 'skipped')) or 'none'}), "
+    not_done = ", ".join(f"{n} {s}" for s, n in outcomes.items() if s not in ("done", "claimed", "skipped"))
+    print(f"{suite.name}: {outcomes.get('done', 0)} done, {failed} not done ({not_done or 'none'}), "
           f"{skipped} skipped (already done), {elsewhere} being computed by another runner. Report: {report}")
     return 1 if failed else 0
 
