@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     _optional_command(sub, "bench-loss", "harness.lossbench", "loss-only forward+backward time and memory")
     _optional_command(sub, "extract-features", "harness.extract", "embed images into a features file")
+    _optional_command(sub, "bench-overhead", "harness.overhead", "harness cost vs a bare PyTorch loop (benchmark)")
     return parser
 
 
