@@ -191,8 +191,7 @@ def _optional_command(sub: Any, name: str, module: str, help_text: str, parents:
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        p.set_defaults(func=_unavailable(name, module, exc))
+        p.set_defaults(func=_unavailable(name, module, exc), any_arguments=True)
         return
     mod.add_arguments(p)
     p.set_defaults(func=mod.run)
@@ -259,7 +258,9 @@ def _configure_logging(level: int) -> None:
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return 2

@@ -168,3 +168,14 @@ def test_terminal_progress_bars(monkeypatch, capsys):
         root.removeHandler(handler)
     err = capsys.readouterr().err
     assert "val top1 45.67 %" in err and "epoch 2/5" not in err
+
+
+def test_a_command_whose_module_fails_to_import_stays_listed_and_says_why(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "harness.lossbench", None)  # `import harness.lossbench` raises ImportError
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "bench-loss" in capsys.readouterr().out
+    assert main(["bench-loss", "--loss", "softmax"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("topk-bench: error: bench-loss is unavailable: importing harness.lossbench failed")
+    assert err.count("\n") == 1

@@ -47,3 +47,14 @@ def test_checks_catch_a_broken_loss(monkeypatch):
     with pytest.raises(AssertionError, match="accepted"):
         check_k_rejected("broken_for_test")
     assert torch.isnan(_NaNOnTies(3)(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)))
+
+
+def test_check_loss_command(capsys):
+    from harness.cli import main
+
+    assert main(["check-loss", "softmax", "berrada_smooth"]) == 0
+    out = capsys.readouterr().out
+    assert "ok   softmax-extremes" in out and "ok   berrada_smooth-k_rejected" in out and "all checks passed" in out
+    assert main(["check-loss", "sofmax"]) == 2
+    assert "did you mean 'softmax'" in capsys.readouterr().err
+    assert main(["check-loss"]) == 2
