@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from harness import __version__
-from harness.errors import UserError
+from harness.errors import ResultsError, UserError
 
 if TYPE_CHECKING:  # the heavy modules (torch, pandas, matplotlib) load only when a command needs them
     from harness.store import RunStore
@@ -74,6 +74,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_status(store: RunStore, run_id: str) -> str:
+    """A run's record status, or `running (host pid …)` while a live runner holds its claim."""
+    from harness.claims import Claims
+
+    status = store.status(run_id)
+    holder = None if status == "done" else Claims(store.claims_dir).holder(run_id)
+    return f"running ({holder.host} pid {holder.pid})" if holder else status
+
+
 def _plan(suite: Suite, store: RunStore) -> list[tuple]:
     """(run_id, loss, dataset, model, seed, status) with only the parameters that vary in the suite."""
     from harness.leaderboard import varying_label
@@ -82,7 +91,7 @@ def _plan(suite: Suite, store: RunStore) -> list[tuple]:
     datasets = [s.dataset for s in suite.runs]
     models = [s.model for s in suite.runs]
     return [(s.run_id, varying_label(s.loss, losses), varying_label(s.dataset, datasets),
-             varying_label(s.model, models), s.seed, store.status(s.run_id)) for s in suite.runs]
+             varying_label(s.model, models), s.seed, _run_status(store, s.run_id)) for s in suite.runs]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -114,34 +123,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.report import write_report
 
     suite, store = _suite_and_store(args)
-    log.info("results: %s", store.root.resolve())
+    log.info("results: %s (suite view: %s/)", store.results_root.resolve(), suite.name)
     if args.dry_run:
         return cmd_status(args)
     resources = suite.model.resources
     device = args.device or resources.device
     executor = args.executor or resources.executor
+    store.check_writable()
+    store.sweep_temp_files()
     todo = [s for s in suite.runs if args.force or store.status(s.run_id) != "done"]
     skipped = len(suite.runs) - len(todo)
     if args.force:
         for spec in todo:
-            (store.checkpoints_dir / f"{spec.run_id}.pt").unlink(missing_ok=True)
+            for ckpt in store.checkpoints_dir.glob(f"{spec.run_id}.*"):
+                ckpt.unlink(missing_ok=True)
     log.info("suite %s: %d runs, %d to compute, %d already done", suite.name, len(suite.runs), len(todo), skipped)
     eval_cfg = suite.model.eval.model_dump()
     labels = {s.run_id: (short_label(s.loss), s.seed) for s in todo}
     outcomes: Counter = Counter()
+    results = EXECUTORS[executor](
+        todo, store.results_root, suite.name, device, resources.timeout_min,
+        workers=args.workers or resources.workers, slurm=resources.slurm, force=args.force,
+    )
     with SuiteProgress(len(todo), labels, eval_cfg["primary"]) as progress:
-        for result in EXECUTORS[executor](
-            todo, store.root.parent, suite.name, device, resources.timeout_min,
-            workers=args.workers or resources.workers, slurm=resources.slurm,
-        ):
-            outcomes[result["status"]] += 1
-            progress.finished(result["run_id"], result["status"], _test_value(store, result["run_id"], eval_cfg),
-                              result.get("error"))
+        try:
+            for result in results:
+                status = result["status"] if result.get("computed", True) or result["status"] == "claimed" \
+                    else "skipped"
+                outcomes[status] += 1
+                progress.finished(result["run_id"], status, _test_value(store, result["run_id"], eval_cfg),
+                                  result.get("error"))
+        finally:
+            results.close()
     report = write_report(suite, store)
-    failed = sum(n for s, n in outcomes.items() if s != "done")
-    print(f"{suite.name}: {outcomes.get('done', 0)} done, {failed} not done "
-          f"({', '.join(f'{n} {s}' for s, n in outcomes.items() if s != 'done') or 'none'}), "
-          f"{skipped} skipped (already done). Report: {report}")
+    failed = sum(n for s, n in outcomes.items() if s not in ("done", "claimed", "skipped"))
+    elsewhere = outcomes.get("claimed", 0)
+    skipped += outcomes.get("skipped", 0)
+    not_done = ", ".join(f"{n} {s}" for s, n in outcomes.items() if s not in ("done", "claimed", "skipped"))
+    print(f"{suite.name}: {outcomes.get('done', 0)} done, {failed} not done ({not_done or 'none'}), "
+          f"{skipped} skipped (already done), {elsewhere} being computed by another runner. Report: {report}")
     return 1 if failed else 0
 
 
@@ -149,6 +169,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import write_report
 
     suite, store = _suite_and_store(args)
+    if not store.records_for([s.run_id for s in suite.runs]):
+        raise ResultsError(f"report: no records of suite '{suite.name}' under {store.results_root} "
+                           "(run it first: topk-bench run SUITE)")
     print(f"Report: {write_report(suite, store)}")
     return 0
 

@@ -113,7 +113,7 @@ def test_run_prints_results_dir_next_to_the_suites_project(write_suite, tmp_path
     monkeypatch.chdir(tmp_path / "suites")
     with caplog.at_level(logging.INFO, logger="topk_bench"):
         assert main(["run", str(suite), "--dry-run"]) == 0
-    assert f"results: {tmp_path.resolve() / 'results' / 'tiny'}" in caplog.text
+    assert f"results: {tmp_path.resolve() / 'results'} (suite view: tiny/)" in caplog.text
 
 
 def test_status_and_dry_run_show_only_varying_parameters(write_suite, tmp_path, capsys):
