@@ -11,6 +11,7 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from harness import measure
 from harness.data.base import DataBundle, Split
 from harness.metrics import summarize, true_label_rank
+from harness.progress import EpochProgress, short_label
 from harness.record import SCHEMA_VERSION
 from harness.registry import DATASETS, LOSSES, MODELS, TrainingProgress
 from harness.spec import RunSpec
@@ -216,8 +218,11 @@ class Trainer:
             out[name] = summary
         return out, curves
 
-    def fit(self) -> tuple[dict, torch.Tensor | None]:
+    def fit(self, on_epoch: Callable[[EpochProgress], None] | None = None) -> tuple[dict, torch.Tensor | None]:
+        """Train every remaining epoch; after each, `on_epoch` (if given) gets an EpochProgress, which
+        is also logged (INFO, `extra={"epoch_progress": ...}`) for progress displays."""
         timing_batch = None
+        started, label = time.monotonic(), short_label(self.spec.loss)
         for epoch in range(self.start_epoch, self.cfg["epochs"]):
             train_loss, seconds, timing_batch = self._train_epoch(epoch)
             metrics, curves = self._evaluate()
@@ -225,8 +230,14 @@ class Trainer:
             self.history.epochs.append({"epoch": epoch, "train_loss": train_loss, "epoch_seconds": seconds,
                                         "step_seconds": seconds / steps, **metrics})
             self.history.curves.append(curves)
-            log.debug("%s epoch %d loss %.4f val top1 %.4f", self.spec.run_id, epoch, train_loss,
-                     metrics["val"].get("top1", float("nan")))
+            done = epoch + 1 - self.start_epoch
+            progress = EpochProgress(self.spec.run_id, label, self.spec.seed, epoch + 1, self.cfg["epochs"],
+                                     train_loss, self.spec.eval["primary"],
+                                     metrics["val"].get(self.spec.eval["primary"], float("nan")),
+                                     (time.monotonic() - started) / done)
+            log.info("%s", progress.describe(), extra={"epoch_progress": progress})
+            if on_epoch is not None:
+                on_epoch(progress)
             self._save_checkpoint(epoch)
             if time.monotonic() > self.deadline:
                 raise RunTimeout(f"time budget exhausted after epoch {epoch} (evaluation included)")

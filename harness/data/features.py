@@ -42,7 +42,7 @@ _ST_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np
               "U64": np.uint64}
 
 PARAMS = {
-    "path": Param(str, None, optional=True, identity="basename",
+    "path": Param(str, None, optional=True, identity="basename", path=True,
                   doc="features file (.npz, .safetensors) or folder of .npy"),
     "val_holdout": Param(int, 50000, ge=0, doc="training samples held out as val when the file has no test"),
     "split_seed": Param(int, 0, ge=0, doc="seed of the val holdout"),
