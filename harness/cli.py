@@ -1,4 +1,4 @@
-"""Command line: topk-bench list | run | status | collect | report | bench-loss | extract-features."""
+"""Command line: topk-bench list | run | status | collect | report | compare | bench-loss | extract-features."""
 from __future__ import annotations
 
 import argparse
@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     _optional_command(sub, "bench-loss", "harness.lossbench", "loss-only forward+backward time and memory")
     _optional_command(sub, "extract-features", "harness.extract", "embed images into a features file")
+    _optional_command(sub, "compare", "harness.compare.cli", "one report across suites and results folders")
     return parser
 
 

@@ -1,0 +1,28 @@
+"""The `compare` sub-command (registered by harness.cli through `_optional_command`)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from harness.compare.records import load
+from harness.compare.report import metrics_or_default, write_compare
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", nargs="+", metavar="SUITE_OR_RESULTS_DIR",
+                   help="suite files (records from --results-dir) or folders holding runs/*.json")
+    p.add_argument("--metric", action="append", metavar="KEY",
+                   help="topK, macro_topK or k99; repeat for several (default: top1 and top5)")
+    p.add_argument("--baseline", default="softmax", help="loss row the differences are taken to (default softmax)")
+    p.add_argument("--select", choices=["best_val", "last"],
+                   help="model selection of the test metrics (default: each record's own eval.select)")
+    p.add_argument("--out", default="results/compare", help="output folder (default results/compare)")
+    p.add_argument("--results-dir", help="results root of the suite files (default: $TOPK_BENCH_RESULTS or ./results)")
+
+
+def run(args: argparse.Namespace) -> int:
+    metrics = metrics_or_default(args.metric)
+    sel = load(args.sources, metrics, args.results_dir, args.select)
+    md, html = write_compare(sel, Path(args.out), args.baseline)
+    print(f"Comparison: {md} and {html} ({len(sel.problems)} problem(s), {len(sel.excluded)} record(s) left out)")
+    return 0
