@@ -131,6 +131,7 @@ class Selection:
     problems: dict[str, Problem] = field(default_factory=dict)
     excluded: list[Excluded] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def used_runs(self) -> list[tuple[Problem, Cell, Run]]:
         return [(p, c, r) for p in self.problems.values() for c in p.cells.values() if c.complete
@@ -224,6 +225,9 @@ class _Builder:
     def add_source(self, label: str, entries: list[tuple[str, str, object, dict | None]]) -> None:
         """entries: (where, run_id, record, expected spec). The record is the parsed JSON, None when missing
         or a ValueError when unreadable; the expected spec (a suite's) labels the run, else the record's."""
+        if label in self.sel.sources:
+            self.sel.notes.append(f"`{label}` was given more than once: read once")
+            return
         self.sel.sources.append(label)
         parsed, datasets, models = [], [], []
         for where, run_id, rec, expected in entries:

@@ -183,7 +183,7 @@ def _figures(a: _Analysis, out: Path) -> list[tuple[str, str, Path]]:
 
 def _records_lines(a: _Analysis) -> list[str]:
     sel = a.sel
-    lines = []
+    lines = [f"- {note}" for note in sel.notes]
     for p in sel.problems.values():
         complete = [c for c in p.cells.values() if c.complete]
         also = f" (the same runs also reached through {', '.join(p.also_in)}: counted once)" if p.also_in else ""
