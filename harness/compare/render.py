@@ -79,13 +79,16 @@ def to_html(t: Table) -> str:
             f'id="{t.id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
 
 
+def inline(text: str) -> str:
+    """Escaped HTML of a markdown line whose only markup is `code`."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
 def finding_html(f: Finding, titles: dict[str, str]) -> str:
     refs = "; ".join(f'<a href="#{cell_id(c.table, c.row, c.column)}">{html.escape(titles[c.table])}, '
                      f"{html.escape(c.row)}, {html.escape(c.column)}: {html.escape(c.value)}</a>" for c in f.cites)
-    text = html.escape(f.text)
-    parts = text.split("`")  # `name` -> <code>name</code>
-    text = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-    return f"<li>{text}" + (f" <span class=cite>[{refs}]</span>" if refs else "") + "</li>"
+    return f"<li>{inline(f.text)}" + (f" <span class=cite>[{refs}]</span>" if refs else "") + "</li>"
 
 
 def image_html(path: Path, alt: str) -> str:

@@ -258,10 +258,10 @@ def write_compare(sel: Selection, out: Path, baseline: str) -> tuple[Path, Path]
     ]
     md = [f"# Comparison: {', '.join(sel.sources)}", "", *head, ""]
     html_parts = [f"<h1>Comparison: {render.html.escape(', '.join(sel.sources))}</h1><ul>"
-                  + "".join(f"<li>{render.html.escape(h[2:])}</li>" for h in head) + "</ul>"]
+                  + "".join(f"<li>{render.inline(h[2:])}</li>" for h in head) + "</ul>"]
     for key, title, table_ids in sections:
         md += [f"## {title}", ""]
-        html_parts.append(f'<h2 id="s-{key}">{render.html.escape(title)}</h2>')
+        html_parts.append(f'<h2 id="s-{key}">{render.inline(title)}</h2>')
         if key == "goals":
             md += [render.cite_md(f, TITLES) for f in found] + [""]
             html_parts.append("<ul>" + "".join(render.finding_html(f, TITLES) for f in found) + "</ul>")

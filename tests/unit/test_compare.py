@@ -199,3 +199,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "no runs/ folder" in capsys.readouterr().err
     assert main(["compare", str(GRID), "--metric", "acc"]) == 2
     assert "not a metric" in capsys.readouterr().err
+
+
+def test_plot_styles_are_distinct_and_curves_are_cut_where_every_row_saturates():
+    from harness.compare.figures import distinct_styles
+    from harness.report import saturation_k
+
+    styles = distinct_styles(60)
+    assert len({(s["color"], s["marker"], s["linestyle"]) for s in styles}) == 60
+    curves = [np.array([0.5, 0.9, 0.996, 1.0, 1.0, 1.0]), np.array([0.2, 0.6, 0.9, 0.995, 1.0, 1.0])]
+    assert saturation_k(curves, max_k=6) == 4
+    assert saturation_k(curves, max_k=3) == 3
+    assert saturation_k([np.array([0.5, 0.7])], max_k=20) == 2  # never saturates: the whole curve
