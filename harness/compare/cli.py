@@ -23,6 +23,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     metrics = metrics_or_default(args.metric)
     sel = load(args.sources, metrics, args.results_dir, args.select)
-    md, html = write_compare(sel, Path(args.out), args.baseline)
+    md, html = write_compare(sel, Path(args.out), args.baseline, args.select)
     print(f"Comparison: {md} and {html} ({len(sel.problems)} problem(s), {len(sel.excluded)} record(s) left out)")
     return 0

@@ -54,6 +54,9 @@ def _names(items: list[str], most: int = 8) -> str:
 def rank_findings(m: Metric, avg: pd.Series, test: RankTest | str, n_problems: int) -> list[Finding]:
     if avg.empty:
         return [Finding(f"No loss is present on every problem at {m.title}, so no average rank.")]
+    if avg.iloc[0] == avg.iloc[-1]:
+        return [Finding(f"All {len(avg)} ranked losses tie at {m.title} (average rank {avg.iloc[0]:.2f}).",
+                        [Cite("ranks", str(avg.index[0]), rank_column(m), f"{avg.iloc[0]:.2f}")])]
     best = str(avg.index[0])
     cite = Cite("ranks", best, rank_column(m), f"{avg.iloc[0]:.2f}")
     text = f"Best average rank at {m.title}: `{best}` ({avg.iloc[0]:.2f} over {n_problems} problem(s))."
@@ -73,7 +76,9 @@ def mean_finding(m: Metric, summary_means: dict[str, float]) -> Finding:
         return Finding(f"No loss is present on every problem at {m.title}, so no mean over problems.")
     sign = 1 if m.higher_is_better else -1
     best = max(summary_means, key=lambda k: sign * summary_means[k])
-    return Finding(f"Best {m.title} on average over the problems: `{best}` ({summary_means[best]:.2f}).",
+    tied = [k for k, v in summary_means.items() if round(v, 9) == round(summary_means[best], 9)]
+    names = _names(tied) + (" (tied)" if len(tied) > 1 else "")
+    return Finding(f"Best {m.title} on average over the problems: {names} ({summary_means[best]:.2f}).",
                    [Cite("summary", best, mean_column(m), f"{summary_means[best]:.2f}")])
 
 

@@ -324,8 +324,11 @@ def load(sources: list[str], metrics: list[Metric], results_dir: str | None = No
         else:
             raise ResultsError(f"{src}: no such suite file or results folder")
     sel = builder.finish()
-    if not sel.problems:
-        raise ResultsError(f"{', '.join(sources)}: no usable records")
+    if not sel.used_runs():
+        reasons = Counter(e.reason for e in sel.excluded).most_common(1)
+        why = f"; most common reason: {reasons[0][0]} ({reasons[0][1]} records)" if reasons else ""
+        raise ResultsError(f"{', '.join(sources)}: no loss row has every seed done and valid for "
+                           f"{', '.join(m.key for m in metrics)}{why}")
     log.info("compare: %d problems, %d records used, %d left out", len(sel.problems), len(sel.used_runs()),
              len(sel.excluded))
     return sel

@@ -152,10 +152,11 @@ def _findings(a: _Analysis) -> list[goals.Finding]:
     for m in a.sel.metrics:
         out += goals.rank_findings(m, a.avg[m.key], a.tests[m.key], len(a.sel.problems))
         out.append(goals.mean_finding(m, summary_means[m.key]))
-    first = a.sel.metrics[0]
+    first = next((m for m in a.sel.metrics if m.is_accuracy), a.sel.metrics[0])  # "points" need a percentage
     n_base = sum(1 for p in a.sel.problems.values() if a.baseline in p.cells and p.cells[a.baseline].complete)
     out += goals.baseline_findings(first, a.base[first.key], a.baseline, n_base)
-    out += goals.cost_findings(first, a.cost[first.key])
+    if first.is_accuracy:
+        out += goals.cost_findings(first, a.cost[first.key])
     return out
 
 
@@ -230,7 +231,7 @@ def _write_csvs(a: _Analysis, out: Path) -> None:
                  columns=["record", "reason"]).to_csv(out / "excluded.csv", index=False)
 
 
-def write_compare(sel: Selection, out: Path, baseline: str) -> tuple[Path, Path]:
+def write_compare(sel: Selection, out: Path, baseline: str, select: str | None = None) -> tuple[Path, Path]:
     """Write everything; return (compare.md, compare.html)."""
     out.mkdir(parents=True, exist_ok=True)
     a = _Analysis(sel, baseline)
@@ -242,8 +243,8 @@ def write_compare(sel: Selection, out: Path, baseline: str) -> tuple[Path, Path]
     head = [
         f"- generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from "
         + ", ".join(f"`{s}`" for s in sel.sources),
-        f"- metrics: {', '.join(m.title for m in sel.metrics)} on the test split (each record's own model "
-        "selection unless --select is given); accuracies in %",
+        f"- metrics: {', '.join(m.title for m in sel.metrics)} on the test split, model selection: "
+        + (f"`{select}` (--select)" if select else "each run's own `eval.select`") + "; accuracies in %",
         f"- {len(sel.problems)} problem(s); {len(a.runs)} records used; {len(sel.excluded)} left out; "
         f"baseline `{baseline}`",
     ]

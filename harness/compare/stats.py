@@ -56,6 +56,8 @@ def rank_test(matrix: pd.DataFrame) -> RankTest | str:
         return f"needs at least 3 losses present on every problem (have {k})"
     if n < 2:
         return f"needs at least 2 problems (have {n})"
+    if (matrix.nunique(axis=1) == 1).all():
+        return "finds every loss tied on every problem"
     chi2, p = stats.friedmanchisquare(*[matrix[c].to_numpy() for c in matrix.columns])
     chi2, p = float(chi2), float(p)
     denom = n * (k - 1) - chi2

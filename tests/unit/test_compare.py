@@ -211,3 +211,16 @@ def test_plot_styles_are_distinct_and_curves_are_cut_where_every_row_saturates()
     assert saturation_k(curves, max_k=6) == 4
     assert saturation_k(curves, max_k=3) == 3
     assert saturation_k([np.array([0.5, 0.7])], max_k=20) == 2  # never saturates: the whole curve
+
+
+def test_ties_everywhere_and_unusable_metrics_are_reported_not_computed(tmp_path, capsys):
+    out = tmp_path / "k99"
+    assert main(["compare", str(GRID), "--metric", "k99", "--metric", "top1", "--select", "last",
+                 "--baseline", "nope", "--out", str(out)]) == 0  # k99 is 8 on every last-epoch record
+    md = (out / "compare.md").read_text()
+    assert "All 4 ranked losses tie at k@99 (average rank 2.50)" in md
+    assert "(tied)" in md and "not computed: finds every loss tied on every problem" in md
+    assert "No complete `nope` row to compare with at top-1." in md
+    assert "model selection: `last`" in md and "mean over problems · top-1”: 77.00" in md
+    assert main(["compare", str(GRID), "--metric", "top10", "--out", str(tmp_path / "x")]) == 2
+    assert "most common reason: lacks a finite metrics.test.best_val.top10" in capsys.readouterr().err
