@@ -1,11 +1,11 @@
-"""The `compare` sub-command (registered by harness.cli through `_optional_command`)."""
+"""The `compare` sub-command (registered by harness.cli through `_optional_command`).
+
+Light to import: the statistics and plotting stack loads only when the command runs.
+"""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-from harness.compare.records import load
-from harness.compare.report import metrics_or_default, write_compare
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    metrics = metrics_or_default(args.metric)
+    from harness.compare.records import load, parse_metric
+    from harness.compare.report import write_compare
+
+    metrics = [parse_metric(k) for k in dict.fromkeys(args.metric or ["top1", "top5"])]
     sel = load(args.sources, metrics, args.results_dir, args.select)
     md, html = write_compare(sel, Path(args.out), args.baseline, args.select)
     print(f"Comparison: {md} and {html} ({len(sel.problems)} problem(s), {len(sel.excluded)} record(s) left out)")

@@ -10,7 +10,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import scikit_posthocs as sp  # noqa: E402
 
 from harness.compare.records import Metric  # noqa: E402
 from harness.compare.stats import ALPHA, RankTest  # noqa: E402
@@ -34,6 +33,8 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 def cd_diagram(avg: pd.Series, test: RankTest, metric: Metric, path: Path) -> Path:
     """Demšar's critical-difference diagram, drawn by scikit-posthocs from the Nemenyi p-values."""
+    import scikit_posthocs as sp  # imported here: the suite report uses this module's styles without it
+
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.22 * len(avg)))
     sp.critical_difference_diagram(avg, test.nemenyi, ax=ax, alpha=ALPHA, cd=test.cd,
                                    label_props={"fontsize": 7})

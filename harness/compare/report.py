@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from harness.compare import analysis, figures, goals, render, stats, tables
-from harness.compare.records import Metric, Selection
+from harness.compare.records import Selection
 from harness.compare.render import Table, cell
 
 log = logging.getLogger(__name__)
@@ -285,8 +285,3 @@ def write_compare(sel: Selection, out: Path, baseline: str, select: str | None =
     html_path.write_text(render.page(f"topk-bench compare: {', '.join(sel.sources)}", html_parts))
     return md_path, html_path
 
-
-def metrics_or_default(keys: list[str] | None) -> list[Metric]:
-    from harness.compare.records import parse_metric
-
-    return [parse_metric(k) for k in dict.fromkeys(keys or ["top1", "top5"])]
