@@ -14,6 +14,7 @@ from harness.compare.records import Metric
 from harness.compare.stats import ALPHA, RankTest
 
 NEAR_BEST = 0.5  # points: "cheapest within 0.5 points of the best"
+ALL_ROWS = "all rows"  # a citation of a whole column (its header cell)
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def baseline_findings(m: Metric, table: pd.DataFrame, baseline: str, n_base_prob
         f"Never significantly worse than `{baseline}` at {m.title} (95 % CI of the difference never entirely "
         f"on the worse side, over all {n_base_problems} problem(s) with a `{baseline}` row): "
         + (_names(never_worse) if never_worse else "none") + ".",
-        [Cite("baseline", "every row", col, f"{len(never_worse)} of {full['loss'].nunique()} losses")])]
+        [Cite("baseline", ALL_ROWS, col, f"{len(never_worse)} of {full['loss'].nunique()} losses")])]
     if always_better:
         cites = [Cite("baseline", f"{r.problem} / {r.loss}", col, f"{r.diff:+.2f}")
                  for r in full[full["loss"].isin(always_better)].itertuples()][:6]

@@ -225,9 +225,6 @@ class _Builder:
     def add_source(self, label: str, entries: list[tuple[str, str, object, dict | None]]) -> None:
         """entries: (where, run_id, record, expected spec). The record is the parsed JSON, None when missing
         or a ValueError when unreadable; the expected spec (a suite's) labels the run, else the record's."""
-        if label in self.sel.sources:
-            self.sel.notes.append(f"`{label}` was given more than once: read once")
-            return
         self.sel.sources.append(label)
         parsed, datasets, models = [], [], []
         for where, run_id, rec, expected in entries:
@@ -315,14 +312,19 @@ def load(sources: list[str], metrics: list[Metric], results_dir: str | None = No
     """Read every suite file or results folder in `sources` into one Selection."""
     root = Path(results_dir) if results_dir else default_results_dir()
     builder = _Builder(metrics, select)
+    read: set[Path] = set()
     for src in sources:
         path = Path(src)
-        if path.is_file():
-            builder.add_source(*_suite_entries(path, root))
-        elif path.is_dir():
-            builder.add_source(*_dir_entries(path))
-        else:
+        if not path.exists():
             raise ResultsError(f"{src}: no such suite file or results folder")
+        if path.resolve() in read:
+            builder.sel.notes.append(f"`{src}` was given more than once: read once")
+            continue
+        read.add(path.resolve())
+        label, entries = _suite_entries(path, root) if path.is_file() else _dir_entries(path)
+        if label in builder.sel.sources:  # two folders (or suites) of the same name: tell them apart
+            label = f"{path.resolve().parent.name}/{label}"
+        builder.add_source(label, entries)
     sel = builder.finish()
     if not sel.used_runs():
         reasons = Counter(e.reason for e in sel.excluded).most_common(1)

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.compare.goals import Finding
+from harness.compare.goals import ALL_ROWS, Finding
 
 MISSING = "—"
 
@@ -68,7 +68,8 @@ def _td(t: Table, row_key: str, col: str, c: dict, first: bool) -> str:
 
 
 def to_html(t: Table) -> str:
-    head = "".join(f'<th scope="col" title="sort by {html.escape(h)}">{html.escape(h)}</th>' for h in t.header)
+    head = "".join(f'<th scope="col" id="{cell_id(t.id, ALL_ROWS, h)}" title="sort by {html.escape(h)}">'
+                   f"{html.escape(h)}</th>" for h in t.header)
     body = []
     for row in t.rows:
         key = row[0]["text"]

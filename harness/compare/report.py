@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 TITLES = {"summary": "Table 1 (summary)", "ranks": "Table 2 (average ranks)", "cost": "Table 3 (cost)",
           "baseline": "Table 4 (relative to baseline)"}
 MAX_LISTED = 200
+FOREST_PANELS = 4
 
 
 def _slug(text: str) -> str:
@@ -176,9 +177,12 @@ def _figures(a: _Analysis, out: Path) -> list[tuple[str, str, Path]]:
         for device in sorted(set(a.cost[m.key]["device"])):
             made.append(("cost", f"cost on {device}, {m.title}",
                          figures.cost_plot(a.cost[m.key], m, device, figs / f"cost-{m.key}-{_slug(device)}.png")))
-        if len(a.base[m.key]):
+        problems = list(dict.fromkeys(a.base[m.key]["problem"]))
+        for i in range(0, len(problems), FOREST_PANELS):  # at most FOREST_PANELS problems side by side
+            part = a.base[m.key][a.base[m.key]["problem"].isin(problems[i:i + FOREST_PANELS])]
+            name = f"forest-{m.key}" + (f"-{i // FOREST_PANELS + 1}" if len(problems) > FOREST_PANELS else "")
             made.append(("baseline", f"difference to {a.baseline}, {m.title}",
-                         figures.forest_plot(a.base[m.key], m, a.baseline, figs / f"forest-{m.key}.png")))
+                         figures.forest_plot(part, m, a.baseline, figs / f"{name}.png")))
     return made
 
 

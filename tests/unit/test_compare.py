@@ -224,3 +224,14 @@ def test_ties_everywhere_and_unusable_metrics_are_reported_not_computed(tmp_path
     assert "model selection: `last`" in md and "mean over problems · top-1”: 77.00" in md
     assert main(["compare", str(GRID), "--metric", "top10", "--out", str(tmp_path / "x")]) == 2
     assert "most common reason: lacks a finite metrics.test.best_val.top10" in capsys.readouterr().err
+
+
+def test_two_folders_of_the_same_name_are_told_apart_and_shared_runs_counted_once(tmp_path):
+    import shutil
+
+    for parent in ("a", "b"):
+        shutil.copytree(GRID, tmp_path / parent / "grid")
+    sel = load([str(tmp_path / "a" / "grid"), str(tmp_path / "b" / "grid")], [TOP1])
+    assert sel.sources == ["grid", "b/grid"]
+    assert len(sel.problems) == 4 and all(p.also_in == ["b/grid"] for p in sel.problems.values())
+    assert len(sel.used_runs()) == 34
