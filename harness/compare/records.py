@@ -253,6 +253,11 @@ class _Builder:
                 continue  # the same run reached through a second suite: counted once
             self.seen.add(run_id)
             cell = prob.cells.setdefault(variant_label(LOSSES, loss), Cell(variant_label(LOSSES, loss)))
+            twin = next((rid for rid, s in cell.expected.items() if s == seed), None)
+            if twin is not None:  # e.g. two suites that differ only in their eval settings
+                self.sel.excluded.append(Excluded(where, f"the same loss, problem and seed as run {twin} "
+                                                  "(they differ only in eval settings): that one is used"))
+                continue
             cell.expected[run_id] = seed
             if rec is None:
                 cell.problems["missing"] += 1

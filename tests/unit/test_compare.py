@@ -32,6 +32,18 @@ HAND_F = 3 * HAND_CHI2 / (4 * 3 - HAND_CHI2)  # Iman–Davenport: (N−1)χ² / 
 HAND_CD = 2.569 * math.sqrt(4 * 5 / (6 * 4))  # Demšar 2006, Table 5a: q_0.05 = 2.569 for k = 4
 
 
+def softmax_record(runs: Path = GRID / "runs") -> dict:
+    """A valid record of the fixture (the first softmax one by file name)."""
+    for path in sorted(runs.glob("[0-9a-f]*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except json.JSONDecodeError:  # the fixture's torn file
+            continue
+        if isinstance(rec, dict) and rec.get("spec", {}).get("loss", {}).get("name") == "softmax":
+            return rec
+    raise AssertionError("no softmax record in the fixture")
+
+
 @pytest.fixture(scope="module")
 def sel():
     return load([str(GRID)], [TOP1, Metric("top5")])
@@ -149,7 +161,7 @@ def test_records_left_out_are_listed_with_their_reason(sel):
 
 
 def test_validate_rejects_bad_records():
-    good = json.loads(next((GRID / "runs").glob("[0-9a-f]*.json")).read_text())
+    good = softmax_record()
     rid = good["run_id"]
     assert isinstance(records.validate(good, rid, [TOP1], None), records.Run)
     assert "does not match" in records.validate(good, "0" * 16, [TOP1], None)
@@ -235,3 +247,16 @@ def test_two_folders_of_the_same_name_are_told_apart_and_shared_runs_counted_onc
     assert sel.sources == ["grid", "b/grid"]
     assert len(sel.problems) == 4 and all(p.also_in == ["b/grid"] for p in sel.problems.values())
     assert len(sel.used_runs()) == 34
+
+
+def test_a_second_run_of_the_same_loss_problem_and_seed_is_not_a_second_seed(tmp_path):
+    import shutil
+
+    pool = tmp_path / "pool"
+    shutil.copytree(GRID, pool)
+    rec = softmax_record(pool / "runs")
+    twin = dict(rec, run_id="1234567890abcdef", spec=dict(rec["spec"], eval={"k": [1, 5, 10]}))
+    (pool / "runs" / "1234567890abcdef.json").write_text(json.dumps(twin))
+    sel = load([str(pool)], [TOP1])
+    assert len(sel.used_runs()) == 34
+    assert any("the same loss, problem and seed as run" in e.reason for e in sel.excluded)
