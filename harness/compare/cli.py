@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", default="softmax", help="loss row the differences are taken to (default softmax)")
     p.add_argument("--select", choices=["best_val", "last"],
                    help="model selection of the test metrics (default: each record's own eval.select)")
-    p.add_argument("--out", default="results/compare", help="output folder (default results/compare)")
+    p.add_argument("--out", help="output folder (default: <results root>/compare)")
     p.add_argument("--results-dir", help="results root of the suite files (default: $TOPK_BENCH_RESULTS or ./results)")
 
 
@@ -26,6 +26,9 @@ def run(args: argparse.Namespace) -> int:
 
     metrics = [parse_metric(k) for k in dict.fromkeys(args.metric or ["top1", "top5"])]
     sel = load(args.sources, metrics, args.results_dir, args.select)
-    md, html = write_compare(sel, Path(args.out), args.baseline, args.select)
+    from harness.store import default_results_dir
+
+    out = Path(args.out) if args.out else Path(args.results_dir or default_results_dir()) / "compare"
+    md, html = write_compare(sel, out, args.baseline, args.select)
     print(f"Comparison: {md} and {html} ({len(sel.problems)} problem(s), {len(sel.excluded)} record(s) left out)")
     return 0

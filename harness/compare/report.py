@@ -121,7 +121,8 @@ def _cost_table(a: _Analysis) -> Table:
     return Table("cost", TITLES["cost"], header, rows,
                  "per device, the losses measured on every problem run on that device; means over those "
                  "problems; loss/CE time: geometric mean of the loss's forward+backward time over "
-                 f"F.cross_entropy's in the same process; Pareto flags for {metrics[0].title}")
+                 f"F.cross_entropy's in the same process; peak memory as recorded (CUDA allocator peak on a "
+                 f"GPU, process peak RSS on a CPU); Pareto flags for {metrics[0].title}")
 
 
 def _baseline_table(a: _Analysis) -> Table:
