@@ -45,7 +45,8 @@ def cd_diagram(avg: pd.Series, test: RankTest, metric: Metric, path: Path) -> Pa
 
 def profile_plot(prof: pd.DataFrame, metric: Metric, n_problems: int, path: Path) -> Path:
     """Dolan & Moré performance profiles: fraction of problems within τ of the best, per loss."""
-    losses = list(dict.fromkeys(prof["loss"]))
+    area = prof.groupby("loss", sort=False)["fraction"].mean()  # legend: highest profile first
+    losses = list(area.sort_values(ascending=False, kind="stable").index)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for loss, style in zip(losses, distinct_styles(len(losses))):
         part = prof[prof["loss"] == loss]
