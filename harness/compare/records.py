@@ -233,10 +233,10 @@ class _Builder:
                 self.sel.excluded.append(Excluded(where, str(rec)))
                 continue
             try:
-                loss, ds, model, train, seed = parse_spec(expected or (rec.get("spec") if isinstance(rec, dict)
-                                                                       else None))
+                record_spec = rec.get("spec") if isinstance(rec, (dict, Invalid)) else None
+                loss, ds, model, train, seed = parse_spec(expected or record_spec)
             except (ValueError, TypeError) as exc:
-                self.sel.excluded.append(Excluded(where, f"invalid spec: {exc}" if isinstance(rec, dict)
+                self.sel.excluded.append(Excluded(where, f"invalid spec: {exc}" if isinstance(rec, (dict, Invalid))
                                                   else f"not a JSON object ({type(rec).__name__})"))
                 continue
             parsed.append((where, run_id, rec, loss, ds, model, train, seed))
@@ -263,7 +263,7 @@ class _Builder:
             if rec is None:
                 cell.problems["missing"] += 1
                 continue
-            run = validate(rec, run_id, self.sel.metrics, self.select)
+            run = rec.reason if isinstance(rec, Invalid) else validate(rec, run_id, self.sel.metrics, self.select)
             if isinstance(run, str):
                 cell.problems[run if run in STATUSES else "invalid"] += 1
                 if run not in STATUSES:
@@ -313,14 +313,25 @@ def _dir_entries(path: Path) -> tuple[str, list]:
     return path.resolve().name, [(str(p), p.stem, _trusted(_read(p), p.stem), None) for p in files]
 
 
+@dataclass
+class Invalid:
+    """A parsed record that failed the pool's validation: its spec still places it in its cell."""
+
+    data: object
+    reason: str
+
+    def get(self, key: str, default: object = None) -> object:
+        return self.data.get(key, default) if isinstance(self.data, dict) else default
+
+
 def _trusted(data: object, stem: str) -> object:
-    """The record when it passes the pool's validation, else a ValueError saying why."""
+    """The record when it passes the pool's validation, else Invalid (or the read error) saying why."""
     if isinstance(data, ValueError):
         return data
     try:
         return validate_record(data, stem)
     except RecordProblem as exc:
-        return ValueError(str(exc))
+        return Invalid(data, str(exc)) if isinstance(data, dict) else ValueError(str(exc))
 
 
 def load(sources: list[str], metrics: list[Metric], results_dir: str | None = None,
