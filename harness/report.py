@@ -11,12 +11,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from harness import leaderboard  # noqa: E402
 from harness.findings import board_findings  # noqa: E402
 from harness.leaderboard import Board  # noqa: E402
-from harness.leaderboard import variant_label  # noqa: E402
+from harness.leaderboard import variant_label, varying_label  # noqa: E402
 from harness.registry import DATASETS, LOSSES, MODELS  # noqa: E402
 from harness.store import RunStore  # noqa: E402
 from harness.suite import Suite  # noqa: E402
@@ -28,18 +30,33 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:80] or "board"
 
 
-def _plot_curves(board: Board, path: Path, max_k: int) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, curve in board.curves.items():
-        k = min(max_k, len(curve))
-        ax.plot(range(1, k + 1), 100 * curve[:k], label=label, linewidth=1.2)
+def saturation_k(curves: list[np.ndarray], max_k: int, level: float = 0.995) -> int:
+    """The k from which every curve is at least `level` (the plot stops there), at most `max_k`."""
+    k = 1
+    for curve in curves:
+        above = np.flatnonzero(np.asarray(curve[:max_k]) >= level)
+        k = max(k, int(above[0]) + 1 if above.size else min(max_k, len(curve)))
+    return min(max(k, 2), max_k)
+
+
+def _plot_curves(board: Board, path: Path, max_k: int, labels: dict[str, str] | None = None) -> None:
+    """Top-k curves, one distinct colour/marker/dash per row, integer k, cut where every row saturates."""
+    from harness.compare.figures import distinct_styles
+
+    labels = labels or {}
+    k_end = saturation_k(list(board.curves.values()), max_k)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (label, curve), style in zip(board.curves.items(), distinct_styles(len(board.curves))):
+        k = min(k_end, len(curve))
+        ax.plot(range(1, k + 1), 100 * curve[:k], label=labels.get(label, label), linewidth=1.1, markersize=3,
+                **style)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("k")
     ax.set_ylabel("test top-k accuracy (%)")
-    ax.set_title(f"{board.dataset} / {board.model}", fontsize=9)
+    ax.set_title(f"{board.dataset} / {board.model} (k up to where every row reaches 99.5 %)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=1 + len(board.curves) // 24)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -61,13 +78,38 @@ def _setup_line(suite: Suite) -> str:
             f"lr {train['optimizer']['lr']:g}, schedule {train['schedule']['name']} · seeds {suite.model.seeds}")
 
 
+def _pool_name(store: RunStore) -> str:
+    try:
+        return str(store.runs_dir.resolve().relative_to(store.root.resolve().parent.parent))
+    except ValueError:
+        return str(store.runs_dir)
+
+
+def _data_lines(records: list[dict]) -> list[str]:
+    """Split sizes and class counts as the runs saw them (one line per distinct data setup)."""
+    seen: dict[str, int] = {}
+    for r in records:
+        info = r.get("data_info") or {}
+        sizes = [f"{split} {info[f'{split}_size']}" for split in ("train", "val", "test") if f"{split}_size" in info]
+        if not sizes:
+            continue
+        classes = info.get("num_classes")
+        text = ", ".join(sizes) + (f" samples; {classes} classes" if classes is not None else " samples")
+        for key in ("val_holdout_used", "flipped_labels"):
+            if info.get(key):
+                text += f"; {key.replace('_', ' ')} {info[key]}"
+        seen[text] = seen.get(text, 0) + 1
+    return [f"- splits: {text} ({n} runs)" for text, n in seen.items()]
+
+
 def write_report(suite: Suite, store: RunStore) -> Path:
     """Write `<results>/<suite>/report.md`, leaderboard CSVs and plots; return the report path."""
-    by_id = {r["run_id"]: r for r in store.records()}
-    expected = {s.run_id for s in suite.runs}
+    expected = list(dict.fromkeys(s.run_id for s in suite.runs))
+    by_id = store.records_for(expected)
+    ignored = {run_id: why for run_id, why in store.problems().items() if run_id in set(expected)}
     records = [by_id[i] for i in expected if i in by_id]
     counts = Counter(r["status"] for r in records)
-    missing = len(expected) - len(records)
+    missing = len(expected) - len(records) - len(ignored)
     eval_cfg = suite.runs[0].eval
     boards = leaderboard.build(suite.runs, by_id, eval_cfg)
     plots = store.root / "plots"
@@ -81,9 +123,10 @@ def write_report(suite: Suite, store: RunStore) -> Path:
         f"- runs: {len(expected)} expected — {counts.get('done', 0)} done, "
         + ", ".join(f"{counts[s]} {s}" for s in ("failed", "nan", "oom", "timeout") if counts.get(s))
         + (", " if any(counts.get(s) for s in ("failed", "nan", "oom", "timeout")) else "")
-        + f"{missing} missing",
+        + f"{missing} missing" + (f", {len(ignored)} with an invalid record file (ignored)" if ignored else ""),
         f"- environment: {_environment_line(records)}",
         f"- data: {_setup_line(suite)}",
+        *_data_lines(records),
         f"- metrics: test split, model selected by `{eval_cfg['select']}` (per metric); "
         f"ranked by `{eval_cfg['primary']}`; mean ± std over seeds (sample std); "
         "ties in scores count against the true label",
@@ -91,14 +134,16 @@ def write_report(suite: Suite, store: RunStore) -> Path:
     ]
     for board in boards:
         slug = _slug(f"{board.dataset}-{board.model}")
-        board.table.to_csv(store.root / f"leaderboard-{slug}.csv", index=False)
+        board.numbers.to_csv(store.root / f"leaderboard-{slug}.csv", index=False)
         lines += [f"## {board.dataset} · {board.model}", "",
                   tabulate(board.table, headers="keys", tablefmt="github", showindex=False), ""]
         lines += [f"- ⚠ {note}" for note in board.footnotes]
         lines += ["", "What this table shows (generated from the records):", "", *board_findings(board)]
         if board.curves:
             png = plots / f"topk-{slug}.png"
-            _plot_curves(board, png, max_k=max(20, 2 * max(eval_cfg["k"])))
+            losses = [spec.loss for spec in suite.runs]  # legend: only the parameters that vary in the suite
+            labels = {variant_label(LOSSES, c): varying_label(c, losses) for c in losses}
+            _plot_curves(board, png, max_k=max(20, 2 * max(eval_cfg["k"])), labels=labels)
             lines += ["", f"![top-k curves]({png.relative_to(store.root)})", ""]
     failed = [r for r in records if r["status"] != "done"]
     if failed:
@@ -107,9 +152,17 @@ def write_report(suite: Suite, store: RunStore) -> Path:
                   f"**{r['status']}** — {(r.get('error') or '').splitlines()[0] if r.get('error') else ''}"
                   for r in failed]
         lines.append("")
-    lines += ["## Run records", "", "Every number above comes from these files in `runs/`:", ""]
+    if ignored:
+        lines += ["## Record files ignored", "",
+                  "These files in the run pool failed validation; their runs count as missing and are "
+                  "recomputed by the next `topk-bench run`:", ""]
+        lines += [f"- `runs/{run_id}.json`: {why}" for run_id, why in sorted(ignored.items())]
+        lines.append("")
+    lines += ["## Run records", "",
+              f"Every number above comes from these files in `{_pool_name(store)}/` (one pool per results root):", ""]
     for spec in suite.runs:
-        status = by_id[spec.run_id]["status"] if spec.run_id in by_id else "missing"
+        status = by_id[spec.run_id]["status"] if spec.run_id in by_id else (
+            "invalid record (ignored)" if spec.run_id in ignored else "missing")
         lines.append(f"- `{spec.run_id}` {variant_label(LOSSES, spec.loss)} · seed {spec.seed} · {status}")
     path = store.root / "report.md"
     path.write_text("\n".join(lines) + "\n")

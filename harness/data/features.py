@@ -49,7 +49,7 @@ SCAN_BYTES = 32 << 20  # chunk size of the finite-value scan
 _scanned: set[tuple[str, tuple]] = set()  # (path, stamp) of file versions this process checked in full
 
 PARAMS = {
-    "path": Param(str, None, optional=True, identity="content",
+    "path": Param(str, None, optional=True, identity="content", path=True,
                   doc="features file (.npz, .safetensors) or folder of .npy; its content identifies the runs"),
     "val_fraction": Param(float, 0.1, gt=0, le=MIN_TRAIN_KEPT,
                           doc=f"fraction of train held out as val when the file has no test (≤ {VAL_HOLDOUT_CAP})"),
