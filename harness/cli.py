@@ -123,8 +123,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.report import write_report
 
     suite, store = _suite_and_store(args)
-    log.info("results: %s (suite view: %s/)", store.results_root.resolve(), suite.name)
     if args.dry_run:
+        log.info("results: %s (suite view: %s/)", store.results_root.resolve(), suite.name)
         return cmd_status(args)
     resources = suite.model.resources
     device = args.device or resources.device
@@ -137,7 +137,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for spec in todo:
             for ckpt in store.checkpoints_dir.glob(f"{spec.run_id}.*"):
                 ckpt.unlink(missing_ok=True)
-    log.info("suite %s: %d runs, %d to compute, %d already done", suite.name, len(suite.runs), len(todo), skipped)
+    log.info("suite %s: %d runs, %d to compute, %d already done; results: %s", suite.name, len(suite.runs),
+             len(todo), skipped, store.results_root.resolve())
     eval_cfg = suite.model.eval.model_dump()
     labels = {s.run_id: (short_label(s.loss), s.seed) for s in todo}
     outcomes: Counter = Counter()
