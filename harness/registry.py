@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
-import importlib.metadata
 import importlib.util
 import logging
 from dataclasses import dataclass, field
@@ -93,7 +92,9 @@ PROJECT_PACKAGES = ("harness", "losses")
 
 @functools.cache
 def _packages_distributions() -> dict[str, list[str]]:
-    return importlib.metadata.packages_distributions()
+    from importlib import metadata  # (lazy: 0.1-0.3 s that `topk-bench --help` does not need)
+
+    return metadata.packages_distributions()
 
 
 def distribution_of(module: str) -> tuple[str | None, str | None]:
@@ -103,12 +104,14 @@ def distribution_of(module: str) -> tuple[str | None, str | None]:
         from harness import __version__
 
         return PROJECT_DISTRIBUTION, __version__
+    from importlib import metadata
+
     names = _packages_distributions().get(top)
     if not names:
         return None, None
     try:
-        return names[0], importlib.metadata.version(names[0])
-    except importlib.metadata.PackageNotFoundError:
+        return names[0], metadata.version(names[0])
+    except metadata.PackageNotFoundError:
         return names[0], None
 
 
@@ -237,7 +240,9 @@ class Registry(Generic[T]):
         self._plugins_loaded = True
         if self.entry_point_group is None:
             return
-        for ep in importlib.metadata.entry_points(group=self.entry_point_group):
+        from importlib import metadata
+
+        for ep in metadata.entry_points(group=self.entry_point_group):
             if ep.module in self.builtins:  # stale metadata of an older install that listed built-ins
                 continue
             try:
