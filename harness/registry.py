@@ -35,7 +35,8 @@ class Param:
     optional: bool = False  # None is an allowed value
     doc: str = ""
     # How the value enters the run id: "value" (as is), "ignore" (where data lives, e.g. a cache
-    # folder), "basename" (a file path: its name identifies the data, its folder does not).
+    # folder), "basename" (a file path: its name identifies the data, its folder does not),
+    # "content" (a file or folder path: a hash of its bytes identifies the data; see content_hash).
     identity: str = "value"
     # A file-system path: a relative value in a suite resolves against the suite file's folder.
     path: bool = False
@@ -157,6 +158,10 @@ class Entry(Generic[T]):
             mode = self.params[key].identity if key in self.params else "value"
             if mode == "basename" and isinstance(value, str):
                 out[key] = value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+            elif mode == "content" and isinstance(value, str):
+                from harness.content_hash import content_digest  # hashing only where a suite asks for it
+
+                out[key] = content_digest(value)
             elif mode != "ignore":
                 out[key] = value
         return out
