@@ -15,6 +15,9 @@ import losses  # noqa: F401  (registers the built-ins)
 BUILTIN = [e.name for e in harness.list_losses() if e.obj is not None and e.obj.__module__.startswith("losses.")]
 # parameters that make each loss valid for a small class count (k < n; difftopk needs n ≥ 2K)
 SMALL = {"difftopk": {"p_k": [0.5, 0.5]}}
+# the top-k cross-entropies over an operator (losses.topk_ce) need K = len(p_k) < n
+TOPK_CE = {"lapsum", "sparse_topk", "soft_topk", "lml"}
+SMALL.update({name: {"p_k": [0.5, 0.5]} for name in TOPK_CE})
 K_LOSSES = {name for name in BUILTIN if "k" in harness.LOSSES.get(name).params}
 
 
@@ -26,7 +29,7 @@ def _params(name: str) -> dict:
 
 
 def _smallest_n(name: str) -> int:
-    return 4 if name == "difftopk" else 2
+    return 4 if name == "difftopk" else 3 if name in TOPK_CE else 2
 
 
 def test_every_builtin_family_is_covered():
