@@ -176,8 +176,8 @@ def hard_potentials(x: torch.Tensor, anchors: torch.Tensor, b: torch.Tensor) -> 
     lo = xs[:, (cut.ceil() - 1).long()]
     hi = xs[:, cut.floor().long()]
     boundary = 0.5 * (lo + hi)  # [B, r−1]
-    a = anchors.detach()
-    steps = -(a[1:] - a[:-1]) * (2 * boundary - a[:-1] - a[1:])
+    a = anchors.detach()  # [r] or [B, r]
+    steps = -(a[..., 1:] - a[..., :-1]) * (2 * boundary - a[..., :-1] - a[..., 1:])
     return torch.cat([torch.zeros_like(steps[:, :1]), steps.cumsum(1)], 1)
 
 
