@@ -142,9 +142,11 @@ class _Projection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, w, mode: str):  # type: ignore[override]
         batch, n = z.shape
-        s, order = z.sort(dim=1, descending=True)
-        v, block = isotonic_decreasing(s.detach().double().cpu().numpy(),
-                                       w.detach().double().cpu().numpy(), mode)
+        z64 = z.detach().double().cpu().numpy()
+        order_np = np.argsort(-z64, axis=1)  # numpy's argsort: several times faster than torch's CPU sort here
+        v, block = isotonic_decreasing(np.take_along_axis(z64, order_np, 1), w.detach().double().cpu().numpy(), mode)
+        order = torch.from_numpy(order_np).to(z.device)
+        s = z.gather(1, order)
         v = torch.from_numpy(v).to(z.device, z.dtype)
         y_sorted, d = _grad_map(s - v, mode)
         seg = torch.from_numpy(block).to(z.device) + n * torch.arange(batch, device=z.device).unsqueeze(1)

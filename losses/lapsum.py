@@ -42,44 +42,46 @@ def laplace_cdf(u: torch.Tensor) -> torch.Tensor:
 def _thresholds(xs: np.ndarray, k: np.ndarray, out: np.ndarray) -> None:
     """b' [B, J] with Σ_i F(x_i − b') = k for ascending rows xs [B, n] (scores / α), float64 (compiled).
 
-    log A_j = log Σ_{i≤j} e^{xs_i − xs_j} and log B_j = log Σ_{i>j} e^{−(xs_i − xs_j)} by their one-step
-    recurrences (no overflow, no cumulative log-sum-exp); the knot values Σ F(x − xs_j) decrease in j.
+    A_j = Σ_{i≤j} e^{xs_i − xs_j} ∈ [1, n] and B_j = Σ_{i>j} e^{−(xs_i − xs_j)} ∈ [0, n) by their one-step
+    recurrences (one exp per score; no overflow; B may underflow, so log B is re-derived where used);
+    the knot values Σ F(x − xs_j) = (n−1−j) + ½A_j − ½B_j decrease in j.
     """
     batch, n = xs.shape
-    la = np.empty(n)
-    lb = np.empty(n)
-    knots = np.empty(n)
+    decay = np.empty(n)  # e^{−(xs_j − xs_{j−1})}
+    a = np.empty(n)
+    bb = np.empty(n)
     for row in range(batch):
         x = xs[row]
-        la[0] = 0.0
+        a[0] = 1.0
+        decay[0] = 0.0
         for j in range(1, n):
-            la[j] = np.log1p(np.exp(la[j - 1] - (x[j] - x[j - 1])))
-        lb[n - 1] = -np.inf
+            decay[j] = np.exp(x[j - 1] - x[j])
+            a[j] = 1.0 + a[j - 1] * decay[j]
+        bb[n - 1] = 0.0
         for j in range(n - 2, -1, -1):
-            lb[j] = -(x[j + 1] - x[j]) + np.log1p(np.exp(lb[j + 1]))
-        for j in range(n):
-            knots[j] = (n - 1 - j) + 0.5 * np.exp(la[j]) - 0.5 * np.exp(lb[j])
+            bb[j] = decay[j + 1] * (1.0 + bb[j + 1])
         for col in range(k.shape[1]):
             kk = k[row, col]
-            lo, hi = 0, n  # count = #{j : knots_j ≥ k} (knots decrease)
+            lo, hi = 0, n  # count = #{j : knot_j ≥ k} (knots decrease)
             while lo < hi:
                 mid = (lo + hi) // 2
-                if knots[mid] >= kk:
+                if (n - 1 - mid) + 0.5 * a[mid] - 0.5 * bb[mid] >= kk:
                     lo = mid + 1
                 else:
                     hi = mid
             count = lo
             if count == 0:  # b' below every score: n − ½ e^{b'} Σ e^{−x} = k
-                out[row, col] = np.log(2 * (n - kk)) - (-x[0] + np.log1p(np.exp(lb[0])))
+                out[row, col] = np.log(2 * (n - kk)) + x[0] - np.log1p(bb[0])
             elif count == n:  # above every score: ½ e^{−b'} Σ e^{x} = k
-                out[row, col] = x[n - 1] + la[n - 1] - np.log(2 * kk)
+                out[row, col] = x[n - 1] + np.log(a[n - 1]) - np.log(2 * kk)
             else:
                 j = count - 1
+                la = np.log(a[j])
+                lb = -(x[j + 1] - x[j]) + np.log1p(bb[j + 1])  # log B_j without underflow
                 c = (n - 1 - j) - kk
                 log_c = np.log(abs(c)) if c != 0 else -np.inf
-                inner = np.logaddexp(2 * log_c, la[j] + lb[j]) if np.isfinite(lb[j]) else 2 * log_c
-                root = np.logaddexp(log_c, 0.5 * inner)  # log(|c| + √(c² + AB))
-                b = x[j] + (root - lb[j] if c > 0 else la[j] - root)
+                root = np.logaddexp(log_c, 0.5 * np.logaddexp(2 * log_c, la + lb))  # log(|c| + √(c² + AB))
+                b = x[j] + (root - lb if c > 0 else la - root)
                 out[row, col] = min(max(b, x[j]), x[j + 1])
 
 
