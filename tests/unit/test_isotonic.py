@@ -114,15 +114,21 @@ def test_soft_rank_limits_and_float32(reg):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchsort") is None,
-                    reason="torchsort is not installed: it builds from source only (a C++ extension compiled "
-                    "against the local torch, `pip install --no-build-isolation torchsort`)")
+                    reason="torchsort is not installed: it has no wheels and builds a C++ extension against the "
+                    "local torch (CPU: `pip install --no-build-isolation torchsort` with nvcc off PATH; with nvcc "
+                    "on PATH its CUDA build needs TORCH_CUDA_ARCH_LIST), so it is not in the test extra")
 @pytest.mark.parametrize("reg", ["l2", "kl"])
 def test_soft_rank_matches_torchsort(reg):
     import torchsort
 
-    theta = torch.randn(4, 25, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    ref = torchsort.soft_rank(-theta, regularization=reg, regularization_strength=0.7)  # ascending of −θ
-    assert torch.allclose(soft_rank(theta, 0.7, reg), ref, atol=1e-9)
+    theta = torch.randn(4, 25, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    weights = torch.randn(4, 25, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    ours = soft_rank(theta, 0.7, reg)
+    ref = torchsort.soft_rank(-theta, regularization=reg, regularization_strength=0.7)  # ascending ranks of −θ
+    assert torch.allclose(ours, ref, atol=1e-9)
+    (g_ours,) = torch.autograd.grad((ours * weights).sum(), theta)
+    (g_ref,) = torch.autograd.grad((ref * weights).sum(), theta)
+    assert torch.allclose(g_ours, g_ref, atol=1e-9)
 
 
 @pytest.mark.parametrize("p", ["4/3", "2"])
