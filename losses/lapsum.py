@@ -153,6 +153,7 @@ def lapsum_topk(s: torch.Tensor, k: torch.Tensor | float, alpha: torch.Tensor | 
     paper="Struski, Bednarczyk, Podolak, Tabor. LapSum - One Method to Differentiate Them All: "
     "Ranking, Sorting and Top-k Selection. ICML 2025",
     version=1,
+    contract={"params": {"p_k": [0.5, 0.5]}, "min_classes": 3},  # harness.testing: K = len(p_k) < n
     params={**topk_ce_params(), "alpha": Param(float, 1.0, gt=0.0, doc="Laplace scale α (temperature)")},
 )
 class LapSumLoss(TopKCrossEntropy):

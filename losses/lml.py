@@ -102,6 +102,7 @@ def lml(x: torch.Tensor, k: float, tau: float = 1.0) -> torch.Tensor:
     family="lml",
     paper="Amos, Koltun, Kolter. The Limited Multi-Label Projection Layer. arXiv:1906.08707, 2019",
     version=1,
+    contract={"params": {"p_k": [0.5, 0.5]}, "min_classes": 3},  # harness.testing: K = len(p_k) < n
     params={**topk_ce_params([0.0, 0.0, 0.0, 0.0, 1.0], "sort"),
             "tau": Param(float, 1.0, gt=0.0, doc="temperature τ of the entropic projection")},
 )

@@ -61,6 +61,7 @@ def soft_topk(s: torch.Tensor, k: int, epsilon: float = 0.01, iterations: int = 
     family="soft_topk",
     paper="Xie, Dai, Chen, Dong, Zha, Zha, Pfister. Differentiable Top-k with Optimal Transport. NeurIPS 2020",
     version=1,
+    contract={"params": {"p_k": [0.5, 0.5]}, "min_classes": 3},  # harness.testing: K = len(p_k) < n
     params={
         **topk_ce_params(),
         "epsilon": Param(float, 0.01, gt=0.0, doc="entropic regularisation ε (cost normalised to max 1)"),

@@ -50,6 +50,7 @@ def sparse_topk(s: torch.Tensor, w: torch.Tensor | int, epsilon: float = 1.0, p:
     paper="Sander, Puigcerver, Djolonga, Peyré, Blondel. Fast, Differentiable and Sparse Top-k: "
     "a Convex Analysis Perspective. ICML 2023",
     version=1,
+    contract={"params": {"p_k": [0.5, 0.5]}, "min_classes": 3},  # harness.testing: K = len(p_k) < n
     params={
         **topk_ce_params(),
         "epsilon": Param(float, 1.0, gt=0.0, doc="regularisation strength ε"),
