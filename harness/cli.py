@@ -225,6 +225,7 @@ OPTIONAL_COMMANDS = (
     ("extract-features", "harness.extract", "embed images into a features file"),
     ("check-loss", "harness.testing", "run the loss plugin contract checks on registered losses"),
     ("bench-overhead", "harness.overhead", "harness cost vs a bare PyTorch loop (benchmark)"),
+    ("compare", "harness.compare.cli", "one report across suites and results folders"),
 )
 
 
