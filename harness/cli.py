@@ -10,16 +10,17 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from harness.errors import UserError
+from harness.errors import UserError, short_repr
 from harness.registry import DATASETS, LOSSES, MODELS
+from harness.resources_check import DEVICES_ALLOWED, DEVICE_PATTERN
 from harness.store import RunStore, collect, default_results_dir
-from harness.suite import Suite, load_suite
+from harness.suite import DEFAULT_MAX_RUNS, Suite, load_suite
 
 log = logging.getLogger("topk_bench")
 
 
 def _suite_and_store(args: argparse.Namespace) -> tuple[Suite, RunStore]:
-    suite = load_suite(args.suite)
+    suite = load_suite(args.suite, max_runs=getattr(args, "max_runs", DEFAULT_MAX_RUNS))
     results = Path(args.results_dir) if args.results_dir else default_results_dir()
     return suite, RunStore(results, suite.name)
 
@@ -68,6 +69,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     resources = suite.model.resources
     device = args.device or resources.device
     executor = args.executor or resources.executor
+    if executor != "slurm":  # a login node need not have the compute nodes' GPUs
+        from harness.resources_check import check_device_available, check_model_memory
+
+        check_device_available(device, "--device" if args.device else f"{suite.path}: resources.device")
+        check_model_memory(suite, device)
     todo = [s for s in suite.runs if args.force or store.status(s.run_id) != "done"]
     skipped = len(suite.runs) - len(todo)
     if args.force:
@@ -116,9 +122,34 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one-line UserErrors (main prints them; exit 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {short_repr(text)}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    if not DEVICE_PATTERN.match(text):
+        raise argparse.ArgumentTypeError(f"unknown device {short_repr(text)}; allowed: {DEVICES_ALLOWED}")
+    return text
+
+
 def _add_suite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("suite", help="suite file (.yaml or .toml)")
     p.add_argument("--results-dir", help="results root (default: $TOPK_BENCH_RESULTS or ./results)")
+    p.add_argument("--max-runs", type=_positive_int, default=DEFAULT_MAX_RUNS, metavar="N",
+                   help=f"refuse a suite that expands to more than N runs (default {DEFAULT_MAX_RUNS})")
 
 
 def _optional_command(sub, name: str, module: str, help_text: str) -> None:
@@ -134,7 +165,7 @@ def _optional_command(sub, name: str, module: str, help_text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="topk-bench", description=__doc__)
+    parser = _Parser(prog="topk-bench", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="registered losses, datasets and models").set_defaults(func=cmd_list)
@@ -142,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_suite_args(p)
     p.add_argument("--dry-run", action="store_true", help="show the expanded runs and their status only")
     p.add_argument("--force", action="store_true", help="recompute runs that are already done")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides the suite)")
+    p.add_argument("--device", type=_device, help="auto | cpu | cuda | cuda:N (overrides the suite)")
     p.add_argument("--executor", choices=["inline", "local", "slurm"], help="overrides the suite")
-    p.add_argument("--workers", type=int, help="local executor: parallel processes")
+    p.add_argument("--workers", type=_positive_int, help="local executor: parallel processes (≥ 1)")
     p.set_defaults(func=cmd_run)
     for name, func, text in (("status", cmd_status, "status of each run of a suite"),
                              ("report", cmd_report, "rebuild leaderboards and report from the records"),
@@ -160,7 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UserError as exc:
+        print(f"topk-bench: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("matplotlib", "PIL"):
