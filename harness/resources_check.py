@@ -55,7 +55,8 @@ def check_slurm_params(params: dict[str, Any]) -> None:
             raise SuiteError(f"{where}: set resources.timeout_min instead (the harness passes it to Slurm)")
         if key == "cluster":
             if value is not None and value not in clusters:
-                raise SuiteError(f"{where}: unknown cluster {short_repr(value)}; allowed: {', '.join(sorted(clusters))}")
+                allowed = ", ".join(sorted(clusters))
+                raise SuiteError(f"{where}: unknown cluster {short_repr(value)}; allowed: {allowed}")
             continue
         if key in generic:
             want = (int, float) if generic[key] is float else generic[key]
