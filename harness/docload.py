@@ -158,6 +158,8 @@ def read_mapping(path: Path) -> dict:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         first = where + " ".join(str(getattr(exc, "problem", None) or exc).split())
         raise SuiteError(f"{path}: invalid {kind}: {first}") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits (Python's int-conversion limit)
+        raise SuiteError(f"{path}: invalid {kind}: {exc}") from None
     if not isinstance(data, dict):
         raise SuiteError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     if not _depth_ok(data):

@@ -82,6 +82,11 @@ SUITES: dict[str, tuple[str, str | bytes, list[str]]] = {
     "recursive alias": ("suite.yaml", GOOD + "description: &r [1, *r]\n", ["recursive"]),
     "document over the size cap": ("suite.yaml", GOOD + "#" * MAX_DOCUMENT_BYTES + "\n", ["larger than", "limit"]),
     "empty document": ("suite.yaml", "", ["expected a mapping", "NoneType"]),
+    "python object tag": ("suite.yaml", GOOD + "description: !!python/object/apply:os.system ['true']\n",
+                          ["invalid YAML", "line 9", "could not determine a constructor"]),
+    "5000-digit integer": ("suite.yaml", sub("epochs: 1", "epochs: " + "1" * 5000), ["invalid YAML", "4300 digits"]),
+    "TOML 5000-digit integer": ("suite.toml", GOOD_TOML.replace("epochs = 1", "epochs = " + "1" * 5000),
+                                ["invalid TOML"]),
     # non-finite floats, anywhere
     "lr .inf": ("suite.yaml", sub("batch_size: 32}", "batch_size: 32, optimizer: {lr: .inf}}"),
                 ["train.optimizer.lr", "not a finite number"]),
