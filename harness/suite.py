@@ -78,6 +78,10 @@ class Eval(_Strict):
 
 class Resources(_Strict):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    timeout_min: float = Field(60.0, gt=0)
+    executor: Literal["inline", "local", "slurm"] = "inline"
+    workers: int = Field(1, ge=1)
+    slurm: dict[str, Any] = Field(default_factory=dict)  # submitit AutoExecutor parameters (checked at load)
 
     @field_validator("device")
     @classmethod
@@ -86,10 +90,6 @@ class Resources(_Strict):
             return check_device_name(device, "device")
         except UserError as exc:
             raise ValueError(str(exc).removeprefix("device: ")) from None
-    timeout_min: float = Field(60.0, gt=0)
-    executor: Literal["inline", "local", "slurm"] = "inline"
-    workers: int = Field(1, ge=1)
-    slurm: dict[str, Any] = Field(default_factory=dict)
 
 
 class SuiteModel(_Strict):
