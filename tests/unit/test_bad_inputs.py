@@ -205,9 +205,10 @@ def snapshot(root: Path) -> dict[str, tuple]:
 def results(tmp_path: Path) -> Path:
     """A results root that already holds a record of suite `s` and a report."""
     root = tmp_path / "results"
-    (root / "s" / "runs").mkdir(parents=True)
-    (root / "s" / "runs" / "0123456789abcdef.json").write_text(json.dumps({"run_id": "0123456789abcdef",
-                                                                            "status": "done"}))
+    for runs in (root / "runs", root / "s" / "runs"):  # the run pool, and a per-suite layout of old
+        runs.mkdir(parents=True)
+        (runs / "0123456789abcdef.json").write_text(json.dumps({"run_id": "0123456789abcdef", "status": "done"}))
+    (root / "runs" / ".stale-temp.tmp").write_text("")  # what a run would sweep
     (root / "s" / "report.md").write_text("# an earlier report\n")
     return root
 
