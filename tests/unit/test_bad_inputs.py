@@ -208,7 +208,9 @@ def results(tmp_path: Path) -> Path:
     for runs in (root / "runs", root / "s" / "runs"):  # the run pool, and a per-suite layout of old
         runs.mkdir(parents=True)
         (runs / "0123456789abcdef.json").write_text(json.dumps({"run_id": "0123456789abcdef", "status": "done"}))
-    (root / "runs" / ".stale-temp.tmp").write_text("")  # what a run would sweep
+    stale = root / "runs" / ".stale-write.partial"  # a run would sweep this killed writer's leftover
+    stale.write_text("")
+    os.utime(stale, (time.time() - 7 * 86400, time.time() - 7 * 86400))
     (root / "s" / "report.md").write_text("# an earlier report\n")
     return root
 
