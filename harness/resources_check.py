@@ -129,7 +129,11 @@ def check_model_memory(suite: Any, device: str) -> None:
         if key in seen:
             continue
         seen.add(key)
-        count = parameter_count(MODELS.get(spec.model.name).obj, shape, classes, spec.model.params)
+        try:
+            count = parameter_count(MODELS.get(spec.model.name).obj, shape, classes, spec.model.params)
+        except Exception as exc:  # noqa: BLE001 - an estimate only: a model the meta device cannot build is skipped
+            log.debug("no memory estimate for %s: %s", spec.model.label(), exc)
+            continue
         need = count * BYTES_PER_PARAM
         if need > available:
             raise SuiteError(
