@@ -174,3 +174,18 @@ def test_parameter_count_on_meta_equals_built_model():
         real = sum(p.numel() for p in build(shape, 10, **params).parameters())
         assert parameter_count(build, shape, 10, params) == real
     assert torch.empty(1).device.type == "cpu"  # the meta device does not leak out
+
+
+def test_model_memory_boundary(tmp_path, monkeypatch):
+    """16 bytes a parameter (weights, grads, two Adam moments) against the device's memory."""
+    import harness.resources_check as rc
+
+    path = tmp_path / "s.yaml"
+    path.write_text(GOOD.replace("hidden: 8", "hidden: 10"))
+    suite = load_suite(path)
+    params = (16 * 10 + 10) + (10 * 8 + 8)  # synthetic dim 16 -> hidden 10 -> 8 classes
+    monkeypatch.setattr(rc, "_available_memory", lambda device: (params * 16, "GPU 0"))
+    rc.check_model_memory(suite, "cuda")
+    monkeypatch.setattr(rc, "_available_memory", lambda device: (params * 16 - 1, "GPU 0"))
+    with pytest.raises(SuiteError, match=f"model: mlp\\[.*\\] has {params:,} parameters.*GPU 0"):
+        rc.check_model_memory(suite, "cuda")
