@@ -207,7 +207,18 @@ def count_runs(model: SuiteModel) -> tuple[int, str]:
     return math.prod(sizes.values()), " × ".join(f"{n} {what}" for what, n in sizes.items())
 
 
-def _components(registry: Registry, named: Named, where: str) -> list[Component]:
+def resolve_paths(entry_params: dict, params: dict, base: Path) -> dict:
+    """Relative values of path parameters (`Param(path=True)`) made relative to `base` (the suite's folder)."""
+    out = dict(params)
+    for key, value in params.items():
+        schema = entry_params.get(key)
+        if schema is not None and getattr(schema, "path", False) and isinstance(value, str) and value:
+            if not Path(value).expanduser().is_absolute():
+                out[key] = str((base / value).resolve())
+    return out
+
+
+def _components(registry: Registry, named: Named, where: str, base: Path | None = None) -> list[Component]:
     try:
         entry = registry.get(named.name, where=f"{where}.name")
         if entry.unavailable_reason:
@@ -215,6 +226,8 @@ def _components(registry: Registry, named: Named, where: str) -> list[Component]
         comps = []
         for p in expand_grid(entry.params, named.params, f"{where}.params"):
             params = entry.validate_params(p, where=f"{where}.params")
+            if base is not None:
+                params = resolve_paths(entry.params, params, base)
             check = entry.extra.get("validate")  # plugin hook: raise with a message starting with the param name
             if check is not None:
                 try:
@@ -245,12 +258,13 @@ def load_suite(path: str | Path, max_runs: int = DEFAULT_MAX_RUNS) -> Suite:
         if total > max_runs:
             raise SuiteError(f"the suite expands to {total:,} runs ({factors}), more than the limit "
                              f"of {max_runs:,}; raise it with --max-runs if you mean it")
-        datasets = _components(DATASETS, model.dataset, "dataset")
-        models = _components(MODELS, model.model, "model")
+        datasets = _components(DATASETS, model.dataset, "dataset", path.parent)
+        models = _components(MODELS, model.model, "model", path.parent)
         losses = [
             comp
             for i, item in enumerate(model.losses)
-            for comp in _components(LOSSES, Named(name=item) if isinstance(item, str) else item, f"losses[{i}]")
+            for comp in _components(LOSSES, Named(name=item) if isinstance(item, str) else item, f"losses[{i}]",
+                                    path.parent)
         ]
     except SuiteError as exc:
         raise SuiteError(f"{path}: {exc}") from None
