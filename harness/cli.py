@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from harness import __version__
-from harness.errors import ResultsError, UserError
+from harness.errors import ResultsError, UserError, short_repr
 
 if TYPE_CHECKING:  # the heavy modules (torch, pandas, matplotlib) load only when a command needs them
     from harness.store import RunStore
@@ -49,9 +49,9 @@ def results_root(suite_file: Path, option: str | None = None) -> Path:
 
 def _suite_and_store(args: argparse.Namespace) -> tuple[Suite, RunStore]:
     from harness.store import RunStore
-    from harness.suite import load_suite
+    from harness.suite import DEFAULT_MAX_RUNS, load_suite
 
-    suite = load_suite(args.suite)
+    suite = load_suite(args.suite, max_runs=getattr(args, "max_runs", None) or DEFAULT_MAX_RUNS)
     return suite, RunStore(results_root(Path(args.suite), args.results_dir), suite.name)
 
 
@@ -123,12 +123,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.report import write_report
 
     suite, store = _suite_and_store(args)
-    log.info("results: %s (suite view: %s/)", store.results_root.resolve(), suite.name)
     if args.dry_run:
+        log.info("results: %s (suite view: %s/)", store.results_root.resolve(), suite.name)
         return cmd_status(args)
     resources = suite.model.resources
     device = args.device or resources.device
     executor = args.executor or resources.executor
+    if executor != "slurm":  # a login node need not have the compute nodes' GPUs
+        from harness.resources_check import check_device_available, check_model_memory
+
+        check_device_available(device, "--device" if args.device else f"{suite.path}: resources.device")
+        check_model_memory(suite, device)
     store.check_writable()
     store.sweep_temp_files()
     todo = [s for s in suite.runs if args.force or store.status(s.run_id) != "done"]
@@ -137,7 +142,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for spec in todo:
             for ckpt in store.checkpoints_dir.glob(f"{spec.run_id}.*"):
                 ckpt.unlink(missing_ok=True)
-    log.info("suite %s: %d runs, %d to compute, %d already done", suite.name, len(suite.runs), len(todo), skipped)
+    log.info("suite %s: %d runs, %d to compute, %d already done; results: %s", suite.name, len(suite.runs),
+             len(todo), skipped, store.results_root.resolve())
     eval_cfg = suite.model.eval.model_dump()
     labels = {s.run_id: (short_label(s.loss), s.seed) for s in todo}
     outcomes: Counter = Counter()
@@ -190,10 +196,37 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one-line UserErrors (main prints them; exit 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {short_repr(text)}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    from harness.resources_check import DEVICE_PATTERN, DEVICES_ALLOWED
+
+    if not DEVICE_PATTERN.match(text):
+        raise argparse.ArgumentTypeError(f"unknown device {short_repr(text)}; allowed: {DEVICES_ALLOWED}")
+    return text
+
+
 def _add_suite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("suite", help="suite file (.yaml or .toml); relative paths in it resolve against its folder")
     p.add_argument("--results-dir", help=f"results root (default: ${RESULTS_ENV}, else results/ in the suite's "
                                          "project: the nearest folder above the suite with pyproject.toml or .git)")
+    p.add_argument("--max-runs", type=_positive_int, metavar="N",
+                   help="refuse a suite that expands to more than N runs (default 10000)")
 
 
 def _unavailable(name: str, module: str, exc: BaseException) -> Callable[[argparse.Namespace], int]:
@@ -249,7 +282,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; the module of an optional command is imported only when argv selects it."""
     command = _command_of(sys.argv[1:] if argv is None else argv)
     common = [_verbosity()]
-    parser = argparse.ArgumentParser(prog="topk-bench", description=__doc__, parents=common,
+    parser = _Parser(prog="topk-bench", description=__doc__, parents=common,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -258,9 +291,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_suite_args(p)
     p.add_argument("--dry-run", action="store_true", help="show the expanded runs and their status only")
     p.add_argument("--force", action="store_true", help="recompute runs that are already done")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides the suite)")
+    p.add_argument("--device", type=_device, help="auto | cpu | cuda | cuda:N (overrides the suite)")
     p.add_argument("--executor", choices=["inline", "local", "slurm"], help="overrides the suite")
-    p.add_argument("--workers", type=int, help="local executor: parallel processes")
+    p.add_argument("--workers", type=_positive_int, help="local executor: parallel processes (≥ 1)")
     p.set_defaults(func=cmd_run)
     for name, func, text in (("status", cmd_status, "status of each run of a suite"),
                              ("report", cmd_report, "rebuild leaderboards and report from the records"),

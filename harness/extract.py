@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness.errors import DataError
+
 log = logging.getLogger(__name__)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -162,9 +164,8 @@ def run(args: argparse.Namespace) -> int:
             arrays[f"{split}_features"], arrays[f"{split}_labels"] = _embed(model, ds, args, device, split)
             log.info("%s: %d × %s features", split, *arrays[f"{split}_features"].shape[:1],
                      arrays[f"{split}_features"].shape[1:])
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        log.error("extract-features: %s", " ".join(str(exc).split()))
-        return 2
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # the CLI prints one line, exit 2
+        raise DataError(f"extract-features: {exc}") from None
     out = Path(args.out).expanduser()
     if out.suffix != ".npz":
         out = out.with_name(out.name + ".npz")

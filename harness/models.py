@@ -42,6 +42,7 @@ import difflib  # noqa: E402
 
 import torchvision  # noqa: E402
 
+from harness.errors import short_repr  # noqa: E402
 from harness.registry import RegistryError  # noqa: E402
 
 
@@ -89,18 +90,28 @@ def torchvision_classifiers() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+def check_arch(params: dict) -> None:
+    """Validation hook (at suite load, nothing is built): `arch` must name a torchvision classifier."""
+    arch, names = params["arch"], torchvision_classifiers()
+    if arch not in names:
+        match = difflib.get_close_matches(str(arch), names, n=1, cutoff=0.5)
+        hint = f" (did you mean '{match[0]}'?)" if match else ""
+        raise RegistryError(f"arch: unknown torchvision model {short_repr(arch)}{hint}; "
+                            f"`topk-bench list` or torchvision.models.list_models() name them")
+
+
 @register_model(
     "torchvision",
     version=1,
     params={"arch": Param(str, "resnet18", doc="any torchvision classification model name (random init)")},
+    validate=check_arch,
 )
 def torchvision_model(input_shape: tuple[int, ...], num_classes: int, arch: str = "resnet18") -> nn.Module:
     """Any torchvision classifier by name, randomly initialised (weights=None) with `num_classes` outputs."""
-    names = torchvision_classifiers()
-    if arch not in names:
-        match = difflib.get_close_matches(arch, names, n=1, cutoff=0.5)
-        hint = f" (did you mean '{match[0]}'?)" if match else ""
-        raise RegistryError(f"model.params.arch: unknown torchvision model '{arch}'{hint}")
+    try:
+        check_arch({"arch": arch})
+    except RegistryError as exc:
+        raise RegistryError(f"model.params.{exc}") from None
     kwargs: dict = {"weights": None, "num_classes": num_classes}
     if arch in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=False, init_weights=True)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
-import importlib.metadata
 import importlib.util
 import logging
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterable, TypeVar
 
-from harness.errors import RegistryError
+from harness.errors import RegistryError, short_repr
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,15 +48,19 @@ class Param:
         if value is None and self.optional:
             return None
         types = self.type if isinstance(self.type, tuple) else (self.type,)
+        value = _number_from_string(value, types)
         if float in types and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if isinstance(value, bool) and bool not in types:
-            raise RegistryError(f"{name}: expected {_type_name(types)}, got {value!r}")
+            raise RegistryError(f"{name}: expected {_type_name(types)}, got {short_repr(value)}")
         if not isinstance(value, types):
-            raise RegistryError(f"{name}: expected {_type_name(types)}, got {value!r}")
+            raise RegistryError(f"{name}: expected {_type_name(types)}, got {short_repr(value)}")
+        bad = _non_finite(value)
+        if bad is not None:
+            raise RegistryError(f"{name}: {bad!r} is not a finite number")
         if self.choices is not None and value not in self.choices:
             hint = _closest(str(value), [str(c) for c in self.choices])
-            raise RegistryError(f"{name}: {value!r} is not one of {list(self.choices)}{hint}")
+            raise RegistryError(f"{name}: {short_repr(value)} is not one of {list(self.choices)}{hint}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             for bound, op, ok in (
                 (self.ge, ">=", lambda v, b: v >= b),
@@ -64,7 +69,7 @@ class Param:
                 (self.lt, "<", lambda v, b: v < b),
             ):
                 if bound is not None and not ok(value, bound):
-                    raise RegistryError(f"{name}: {value!r} out of range (must be {op} {bound})")
+                    raise RegistryError(f"{name}: {short_repr(value)} out of range (must be {op} {bound})")
         return value
 
     def describe(self) -> str:
@@ -76,6 +81,38 @@ class Param:
         if self.choices is not None:
             parts.append("one of " + "|".join(map(str, self.choices)))
         return " ".join(parts)
+
+
+_INT_TEXT = re.compile(r"^[-+]?[0-9]+$")
+_FLOAT_TEXT = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$")
+
+
+def _number_from_string(value: Any, types: tuple[type, ...]) -> Any:
+    """A numeric string ('1e-3', '10') read as the number a numeric-only parameter wants.
+
+    YAML 1.1 leaves `1e-3` a string and pydantic-validated settings (lr) accept it; parameters
+    accept it the same way. Strings stay strings for parameters that take strings.
+    """
+    if not isinstance(value, str) or str in types:
+        return value
+    text = value.strip()
+    if int in types and _INT_TEXT.match(text):
+        return int(text)
+    if float in types and _FLOAT_TEXT.match(text):
+        return float(text)
+    return value
+
+
+def _non_finite(value: Any) -> float | None:
+    """The first non-finite float in `value` (a number or nested lists/tuples), or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return item
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return None
 
 
 def _type_name(types: Iterable[type]) -> str:
@@ -94,7 +131,9 @@ PROJECT_PACKAGES = ("harness", "losses")
 
 @functools.cache
 def _packages_distributions() -> dict[str, list[str]]:
-    return importlib.metadata.packages_distributions()
+    from importlib import metadata  # (lazy: 0.1-0.3 s that `topk-bench --help` does not need)
+
+    return metadata.packages_distributions()
 
 
 def distribution_of(module: str) -> tuple[str | None, str | None]:
@@ -104,12 +143,14 @@ def distribution_of(module: str) -> tuple[str | None, str | None]:
         from harness import __version__
 
         return PROJECT_DISTRIBUTION, __version__
+    from importlib import metadata
+
     names = _packages_distributions().get(top)
     if not names:
         return None, None
     try:
-        return names[0], importlib.metadata.version(names[0])
-    except importlib.metadata.PackageNotFoundError:
+        return names[0], metadata.version(names[0])
+    except metadata.PackageNotFoundError:
         return names[0], None
 
 
@@ -242,7 +283,9 @@ class Registry(Generic[T]):
         self._plugins_loaded = True
         if self.entry_point_group is None:
             return
-        for ep in importlib.metadata.entry_points(group=self.entry_point_group):
+        from importlib import metadata
+
+        for ep in metadata.entry_points(group=self.entry_point_group):
             if ep.module in self.builtins:  # stale metadata of an older install that listed built-ins
                 continue
             try:

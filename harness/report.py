@@ -93,8 +93,10 @@ def _data_lines(records: list[dict]) -> list[str]:
         sizes = [f"{split} {info[f'{split}_size']}" for split in ("train", "val", "test") if f"{split}_size" in info]
         if not sizes:
             continue
-        classes = info.get("num_classes")
+        classes = info.get("classes")
         text = ", ".join(sizes) + (f" samples; {classes} classes" if classes is not None else " samples")
+        if info.get("classes_in_train") is not None and classes is not None and info["classes_in_train"] < classes:
+            text += f" ({info['classes_in_train']} present in train)"
         for key in ("val_holdout_used", "flipped_labels"):
             if info.get(key):
                 text += f"; {key.replace('_', ' ')} {info[key]}"

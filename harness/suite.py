@@ -8,20 +8,27 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import tomllib
+import math
+from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from harness.errors import RegistryError, SuiteError
+from harness.docload import read_mapping
+from harness.errors import RegistryError, SuiteError, UserError, short_repr
 from harness.registry import DATASETS, LOSSES, MODELS, Registry
+from harness.resources_check import check_device_name, check_slurm_params
 from harness.spec import Component, RunSpec
+
+__all__ = ["DEFAULT_MAX_RUNS", "Suite", "SuiteModel", "expand_grid", "load_suite", "read_mapping"]
+
+DEFAULT_MAX_RUNS = 10_000  # a larger grid needs --max-runs (counted before anything is expanded)
+MAX_SEED = 2**63  # torch.manual_seed takes 0 <= seed < 2**63
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Named(_Strict):
@@ -56,29 +63,53 @@ class Train(_Strict):
 
 
 class Eval(_Strict):
-    k: list[int] = Field(default_factory=lambda: [1, 5], min_length=1)
+    k: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 5], min_length=1)
     primary: str = "top1"
     select: Literal["best_val", "last"] = "best_val"
 
+    @field_validator("k")
+    @classmethod
+    def _distinct(cls, ks: list[int]) -> list[int]:
+        repeated = sorted(k for k, n in Counter(ks).items() if n > 1)
+        if repeated:
+            raise ValueError(f"k {', '.join(map(str, repeated))} listed twice; each k at most once")
+        return ks
+
 
 class Resources(_Strict):
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     timeout_min: float = Field(60.0, gt=0)
     executor: Literal["inline", "local", "slurm"] = "inline"
     workers: int = Field(1, ge=1)
-    slurm: dict[str, Any] = Field(default_factory=dict)
+    slurm: dict[str, Any] = Field(default_factory=dict)  # submitit AutoExecutor parameters (checked at load)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        try:
+            return check_device_name(device, "device")
+        except UserError as exc:
+            raise ValueError(str(exc).removeprefix("device: ")) from None
 
 
 class SuiteModel(_Strict):
     suite: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
-    seeds: list[int] = Field(min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, lt=MAX_SEED)]] = Field(min_length=1)
     dataset: Named
     model: Named
     train: Train
     eval: Eval = Field(default_factory=Eval)
     losses: list[str | Named] = Field(min_length=1)
     resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        repeated = sorted(s for s, n in Counter(seeds).items() if n > 1)
+        if repeated:
+            raise ValueError(f"seed {', '.join(map(str, repeated[:5]))} listed twice; each seed at most once")
+        return seeds
 
 
 class Suite:
@@ -90,23 +121,6 @@ class Suite:
     @property
     def name(self) -> str:
         return self.model.suite
-
-
-def read_mapping(path: Path) -> dict:
-    """The top-level mapping of a YAML or TOML file; SuiteError (one line) when it is not one."""
-    if not path.is_file():
-        raise SuiteError(f"{path}: no such suite file")
-    text = path.read_text()
-    try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        first = where + " ".join(str(getattr(exc, "problem", None) or exc).split())
-        raise SuiteError(f"{path}: invalid {'TOML' if path.suffix == '.toml' else 'YAML'}: {first}") from None
-    if not isinstance(data, dict):
-        raise SuiteError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -125,23 +139,28 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
+def _cut(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _pydantic_message(path: Path, exc: ValidationError) -> str:
     errors = exc.errors()  # an unknown key explains a "missing" one next to it: report it first
     err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in ("str", "Named")))
-    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "<top>"
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{_cut(str(p))}" for p in loc).lstrip(".") or "<top>"
     if err["type"] == "extra_forbidden":
         allowed = _fields_at(SuiteModel, loc)
-        match = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.5)
+        match = difflib.get_close_matches(str(loc[-1])[:100], allowed, n=1, cutoff=0.5)
         hint = f" (did you mean '{match[0]}'?)" if match else ""
         return f"{path}: {key}: unknown key{hint}; allowed: {', '.join(allowed)}"
     if err["type"] == "missing":
         return f"{path}: {key}: required key is missing"
-    return f"{path}: {key}: {err['msg']} (got {err.get('input')!r})"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{path}: {key}: {message} (got {short_repr(err.get('input'))})"
 
 
-def expand_grid(entry_params: dict, values: dict, where: str) -> list[dict]:
-    """Expand list-valued params into a grid of concrete param dicts."""
+def _axes(entry_params: dict, values: dict, where: str) -> tuple[list[str], list[list]]:
+    """Keys and the values each takes: a list value is a grid axis (a list of lists for a list param)."""
     keys, choices = [], []
     for key, value in values.items():
         schema = entry_params.get(key)
@@ -153,7 +172,39 @@ def expand_grid(entry_params: dict, values: dict, where: str) -> list[dict]:
             raise SuiteError(f"{where}.{key}: empty grid axis (a list needs at least one value)")
         keys.append(key)
         choices.append(value if is_axis else [value])
+    return keys, choices
+
+
+def grid_size(entry_params: dict, values: dict, where: str) -> int:
+    """How many param dicts `expand_grid` would make, without making them."""
+    return math.prod(len(c) for c in _axes(entry_params, values, where)[1])
+
+
+def expand_grid(entry_params: dict, values: dict, where: str) -> list[dict]:
+    """Expand list-valued params into a grid of concrete param dicts."""
+    keys, choices = _axes(entry_params, values, where)
     return [dict(zip(keys, combo)) for combo in itertools.product(*choices)]
+
+
+def _named_size(registry: Registry, named: Named, where: str) -> int:
+    try:
+        return grid_size(registry.get(named.name, where=f"{where}.name").params, named.params, f"{where}.params")
+    except RegistryError as exc:
+        raise SuiteError(str(exc)) from None
+
+
+def count_runs(model: SuiteModel) -> tuple[int, str]:
+    """Number of runs the suite expands to and how it factors, computed before expanding."""
+    sizes = {
+        "datasets": _named_size(DATASETS, model.dataset, "dataset"),
+        "models": _named_size(MODELS, model.model, "model"),
+        "loss configurations": sum(
+            _named_size(LOSSES, Named(name=item) if isinstance(item, str) else item, f"losses[{i}]")
+            for i, item in enumerate(model.losses)
+        ),
+        "seeds": len(model.seeds),
+    }
+    return math.prod(sizes.values()), " × ".join(f"{n} {what}" for what, n in sizes.items())
 
 
 def resolve_paths(entry_params: dict, params: dict, base: Path) -> dict:
@@ -177,6 +228,12 @@ def _components(registry: Registry, named: Named, where: str, base: Path | None 
             params = entry.validate_params(p, where=f"{where}.params")
             if base is not None:
                 params = resolve_paths(entry.params, params, base)
+            check = entry.extra.get("validate")  # plugin hook: raise with a message starting with the param name
+            if check is not None:
+                try:
+                    check(params)
+                except (ValueError, TypeError) as exc:
+                    raise SuiteError(f"{where}.params.{exc}") from None
             identity = entry.identity_params(params)
             comps.append(Component(entry.name, entry.version, params, None if identity == params else identity))
         return comps
@@ -184,8 +241,11 @@ def _components(registry: Registry, named: Named, where: str, base: Path | None 
         raise SuiteError(str(exc)) from None
 
 
-def load_suite(path: str | Path) -> Suite:
-    """Read, validate and expand a suite file; raises SuiteError with a one-line message."""
+def load_suite(path: str | Path, max_runs: int = DEFAULT_MAX_RUNS) -> Suite:
+    """Read, validate and expand a suite file; raises SuiteError with a one-line message.
+
+    The number of runs is counted before the grid is expanded; more than `max_runs` is refused.
+    """
     path = Path(path)
     data = read_mapping(path)
     try:
@@ -193,6 +253,11 @@ def load_suite(path: str | Path) -> Suite:
     except ValidationError as exc:
         raise SuiteError(_pydantic_message(path, exc)) from None
     try:
+        check_slurm_params(model.resources.slurm)
+        total, factors = count_runs(model)
+        if total > max_runs:
+            raise SuiteError(f"the suite expands to {total:,} runs ({factors}), more than the limit "
+                             f"of {max_runs:,}; raise it with --max-runs if you mean it")
         datasets = _components(DATASETS, model.dataset, "dataset", path.parent)
         models = _components(MODELS, model.model, "model", path.parent)
         losses = [
@@ -205,12 +270,13 @@ def load_suite(path: str | Path) -> Suite:
         raise SuiteError(f"{path}: {exc}") from None
     primary_ok = {f"top{k}" for k in model.eval.k} | {"k99"}
     if model.eval.primary not in primary_ok:
-        raise SuiteError(f"{path}: eval.primary: '{model.eval.primary}' is not one of {sorted(primary_ok)}")
+        raise SuiteError(f"{path}: eval.primary: {short_repr(model.eval.primary)} is not one of {sorted(primary_ok)}")
     for ds in datasets:
         num_classes = DATASETS.get(ds.name).extra["num_classes"](ds.params)
         if max(model.eval.k) > num_classes:
             too_big = max(model.eval.k)
-            raise SuiteError(f"{path}: eval.k: {too_big} exceeds the {num_classes} classes of dataset '{ds.name}'")
+            raise SuiteError(f"{path}: eval.k: {too_big} exceeds the {num_classes} classes of dataset '{ds.name}' "
+                             f"(allowed: 1 ≤ k ≤ {num_classes})")
         for loss in losses:
             try:  # catch constraints that depend on the number of classes (k < n, m < n, …)
                 LOSSES.get(loss.name).obj(num_classes=num_classes, **loss.params)

@@ -326,6 +326,8 @@ def run_one(spec: RunSpec, store: RunStore, device: str = "auto", timeout_min: f
     started = time.time()
     record = new_record(spec)
     record["environment"] = measure.environment(dev)
+    record["provenance"] = {part: registry.get(getattr(spec, part).name).provenance()
+                            for part, registry in (("loss", LOSSES), ("dataset", DATASETS), ("model", MODELS))}
     trainer = None
     try:
         measure.reset_peak_memory(dev)

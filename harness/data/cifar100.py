@@ -125,7 +125,7 @@ def crop_flip(padding: int = 4):
     return transform
 
 
-@register_dataset("cifar100", version=1, params=PARAMS, num_classes=lambda p: 100)
+@register_dataset("cifar100", version=1, params=PARAMS, num_classes=lambda p: 100, input_shape=lambda p: (3, 32, 32))
 def load(seed: int, **p) -> DataBundle:
     """CIFAR-100 train/val/test splits (see the module docstring for the protocol)."""
     root = Path(p["root"]).expanduser()

@@ -23,7 +23,8 @@ PARAMS = {
 }
 
 
-@register_dataset("random_images", version=1, params=PARAMS, num_classes=lambda p: p["classes"])
+@register_dataset("random_images", version=1, params=PARAMS, num_classes=lambda p: p["classes"],
+                  input_shape=lambda p: (3, p["image_size"], p["image_size"]))
 def load(seed: int, **p) -> DataBundle:
     """Standard-normal images [N, 3, s, s] with uniform random labels (deterministic in data_seed)."""
     g = torch.Generator().manual_seed(p["data_seed"])

@@ -33,11 +33,17 @@ def _superclass_of(classes: int, superclasses: int) -> torch.Tensor:
     return torch.arange(classes) * superclasses // classes
 
 
-@register_dataset("synthetic", version=1, params=PARAMS, num_classes=lambda p: p["classes"])
+def validate(p: dict) -> None:
+    """Validation hook (at suite load): every superclass needs at least one class."""
+    if p["superclasses"] > p["classes"]:
+        raise ValueError(f"superclasses: {p['superclasses']} must be ≤ classes ({p['classes']})")
+
+
+@register_dataset("synthetic", version=1, params=PARAMS, num_classes=lambda p: p["classes"],
+                  input_shape=lambda p: (p["dim"],), validate=validate)
 def load(seed: int, **p) -> DataBundle:
     """Build the train/val/test splits (deterministic in `data_seed`; `seed` is unused)."""
-    if p["superclasses"] > p["classes"]:
-        raise ValueError(f"superclasses ({p['superclasses']}) must be ≤ classes ({p['classes']})")
+    validate(p)
     g = torch.Generator().manual_seed(p["data_seed"])
     c, s, m, d = p["classes"], p["superclasses"], p["modes"], p["dim"]
     sup = _superclass_of(c, s)

@@ -19,10 +19,10 @@ RUN_SUITES = sorted(set(SUITES.glob("*.yaml")) - set(BENCH_FILES))
 
 @pytest.mark.parametrize("path", RUN_SUITES, ids=lambda p: p.name)
 def test_run_suite_validates(path, tmp_path, monkeypatch):
-    if path.name == "imagenet-features.yaml":  # validation reads the user's file, relative to the suite's folder
-        (tmp_path / "suites").mkdir()
+    if path.name == "imagenet-features.yaml":  # validation reads the class count from the user's file,
+        (tmp_path / "suites").mkdir()     # found relative to the suite file: ../data/imagenet-features.npz
+        path = Path(shutil.copy(path, tmp_path / "suites"))
         (tmp_path / "data").mkdir()
-        path = Path(shutil.copy(path, tmp_path / "suites" / path.name))
         labels = np.arange(100_000) % 1000  # the suite holds out 50 000: it needs at least twice that
         np.savez(tmp_path / "data" / "imagenet-features.npz", train_features=np.zeros((100_000, 4), np.float16),
                  train_labels=labels, val_features=np.zeros((1000, 4), np.float16), val_labels=labels[:1000])

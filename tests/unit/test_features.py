@@ -201,8 +201,11 @@ def test_extract_features_offline_roundtrip(tmp_path):
     assert n == 2 and (len(b.train), len(b.val), len(b.test)) == (4, 2, 4)
 
 
-def test_extract_features_local_weights_and_errors(tmp_path, caplog):
+def test_extract_features_local_weights_and_errors(tmp_path, capsys):
     import torchvision
+
+    from harness.cli import main
+    from harness.errors import DataError
 
     _image_folder(tmp_path / "images")
     torch.manual_seed(0)
@@ -210,11 +213,15 @@ def test_extract_features_local_weights_and_errors(tmp_path, caplog):
     assert _extract(tmp_path, "--weights", str(tmp_path / "w.pth"), "--dtype", "float32") == 0
     with np.load(tmp_path / "feats.npz") as z:
         assert z["val_features"].dtype == np.float32
-    assert _extract(tmp_path, "--weights", str(tmp_path / "absent.pth")) == 2
-    assert "no such file" in caplog.text
+    with pytest.raises(DataError, match="no such file"):
+        _extract(tmp_path, "--weights", str(tmp_path / "absent.pth"))
     torch.save({"bogus": torch.zeros(1)}, tmp_path / "bad.pth")
-    assert _extract(tmp_path, "--weights", str(tmp_path / "bad.pth")) == 2
-    assert "does not fit" in caplog.text
+    capsys.readouterr()
+    assert main(["extract-features", "--root", str(tmp_path / "images"), "--model", "resnet18", "--device", "cpu",
+                 "--weights", str(tmp_path / "bad.pth"), "--out", str(tmp_path / "x.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("topk-bench: error: extract-features: --weights") and "does not fit" in err
+    assert err.count("\n") == 1
 
 
 def test_extract_features_through_the_cli(tmp_path):
