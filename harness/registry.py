@@ -28,7 +28,9 @@ class Param:
     optional: bool = False  # None is an allowed value
     doc: str = ""
     # How the value enters the run id: "value" (as is), "ignore" (where data lives, e.g. a cache
-    # folder), "basename" (a file path: its name identifies the data, its folder does not).
+    # folder), "basename" (a file path: its name identifies the data, its folder does not),
+    # "unless_default" (left out while it equals its default: a parameter added later keeps the
+    # run ids of existing records).
     identity: str = "value"
 
     def check(self, name: str, value: Any) -> Any:
@@ -109,6 +111,8 @@ class Entry(Generic[T]):
             mode = self.params[key].identity if key in self.params else "value"
             if mode == "basename" and isinstance(value, str):
                 out[key] = value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+            elif mode == "unless_default" and value == self.params[key].default:
+                continue
             elif mode != "ignore":
                 out[key] = value
         return out

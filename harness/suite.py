@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from harness.errors import RegistryError, SuiteError
+from harness.errors import RegistryError, SuiteError, UserError
 from harness.registry import DATASETS, LOSSES, MODELS, Registry
 from harness.spec import Component, RunSpec
 
@@ -193,6 +193,12 @@ def load_suite(path: str | Path) -> Suite:
     if model.eval.primary not in primary_ok:
         raise SuiteError(f"{path}: eval.primary: '{model.eval.primary}' is not one of {sorted(primary_ok)}")
     for ds in datasets:
+        check = DATASETS.get(ds.name).extra.get("validate")
+        if check is not None:  # cheap dataset-level checks (too little data, an empty class, …)
+            try:
+                check(ds.params)
+            except UserError as exc:
+                raise SuiteError(f"{path}: dataset.params: {exc}") from None
         num_classes = DATASETS.get(ds.name).extra["num_classes"](ds.params)
         if max(model.eval.k) > num_classes:
             too_big = max(model.eval.k)
