@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from harness.data.base import DataBundle, Split
+from harness.data.labels import long_tail_subset
 from harness.errors import DataError
 from harness.registry import Param, register_dataset
 
@@ -46,6 +47,8 @@ PARAMS = {
                   doc="features file (.npz, .safetensors) or folder of .npy"),
     "val_holdout": Param(int, 50000, ge=0, doc="training samples held out as val when the file has no test"),
     "split_seed": Param(int, 0, ge=0, doc="seed of the val holdout"),
+    "long_tail": Param(float, 1.0, ge=1.0, identity="unless_default",
+                       doc="cut train to an exponential class profile with this imbalance ratio (1: no cut)"),
 }
 
 
@@ -274,6 +277,9 @@ def load(seed: int, **p) -> DataBundle:
         val = Split(IndexedArray(x, held), y[torch.from_numpy(held)])  # type: ignore[arg-type]
         test = Split(arrays["val_features"], torch.from_numpy(labels["val"]))
         info["val_holdout_used"] = int(hold)
+    if p["long_tail"] > 1:  # CIFAR-100-LT's profile on the training split (labels.long_tail_counts)
+        sub = long_tail_subset(train.y, n_classes, p["long_tail"], torch.Generator().manual_seed(p["split_seed"] + 1))
+        train = Split(IndexedArray(train.x, sub.numpy()), train.y[sub])  # type: ignore[arg-type]
     info.update(train_size=len(train), val_size=len(val), test_size=len(test), class_names=names is not None)
     shape = tuple(int(d) for d in arrays["train_features"].shape[1:])
     return DataBundle(train, val, test, n_classes, shape, info=info)

@@ -54,6 +54,11 @@ def _bound(sizes: np.ndarray, classes: np.ndarray, num_classes: int) -> dict:
     return {"micro": micro, "macro": macro}
 
 
+def _curve(values: dict, num_classes: int) -> list[float]:
+    """A k -> value dict (k = 1..K, 1.0 beyond K) as a list of length `num_classes`."""
+    return [round(values.get(str(k), 1.0), 6) for k in range(1, num_classes + 1)]
+
+
 def _listing(groups: list[np.ndarray], gclass: np.ndarray, chars: str) -> list[dict]:
     counts = Counter("".join(chars[c] for c in sorted(gclass[m])) for m in groups)
     return [{"chars": s, "fonts": n} for s, n in counts.most_common(MAX_LISTED)]
@@ -79,7 +84,7 @@ def ambiguity(chars: str, fonts: Sequence[Font], gfont: np.ndarray, gclass: np.n
         "oracle_topk": bound["micro"],
         "oracle_macro_topk": bound["macro"],
         "oracle_topk_near": near_bound["micro"],
-        "reference": {"label": "oracle bound (identical renderings)", "topk": bound["micro"],
-                      "macro_topk": bound["macro"], "exact": False,
+        "reference": {"label": "oracle bound (identical renderings)", "exact": False,
+                      "curve": _curve(bound["micro"], c), "macro_curve": _curve(bound["macro"], c),
                       "note": "no classifier beats it in expectation; see harness/data/glyph_stats.py"},
     }
