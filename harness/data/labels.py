@@ -122,7 +122,9 @@ def long_tail_counts(n_max: int, num_classes: int, ratio: float) -> torch.Tensor
     exponent = c / (num_classes - 1) if num_classes > 1 else torch.zeros_like(c)
     counts = torch.floor(n_max * ratio ** (-exponent) + 1e-9).long()
     if num_classes and int(counts.min()) < 1:
-        raise DataError(f"long_tail={ratio:g} leaves class {int(counts.argmin())} empty: the head class has only "
+        empty = int((counts < 1).sum())
+        raise DataError(f"long_tail={ratio:g} leaves {empty} of {num_classes} classes empty (class "
+                        f"{int(torch.nonzero(counts < 1)[0])} on): the head class has only "
                         f"{n_max} training samples (need ≥ {math.ceil(ratio)}); lower long_tail or add data")
     return counts
 
