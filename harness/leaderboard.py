@@ -37,6 +37,7 @@ class Column:
     path: tuple[str, ...]
     digits: int = 2
     scale: float = 1.0
+    reliable_path: tuple[str, ...] | None = None  # a bool per record: False marks the cell unreliable
 
 
 def columns(eval_cfg: dict, macro: bool = False) -> list[Column]:
@@ -48,8 +49,10 @@ def columns(eval_cfg: dict, macro: bool = False) -> list[Column]:
         cols += [Column(f"macro_top{k}", f"macro top-{k} % ↑", True, ("metrics", "test", sel, f"macro_top{k}"), 2,
                         100.0) for k in eval_cfg["k"]]
     cols.append(Column("k99", "k@99 % ↓", False, ("metrics", "test", sel, "k99"), 1))
-    cols.append(Column("step_ms", "step ms ↓", False, ("timings", "median_step_ms"), 2))
-    cols.append(Column("loss_vs_ce", "loss/CE time ↓", False, ("timings", "loss_vs_ce"), 2))
+    cols.append(Column("step_ms", "step ms ↓", False, ("timings", "median_step_ms"), 2,
+                       reliable_path=("timings", "step_reliable")))
+    cols.append(Column("loss_vs_ce", "loss/CE time ↓", False, ("timings", "loss_vs_ce"), 2,
+                       reliable_path=("timings", "loss_vs_ce_reliable")))
     return cols
 
 
@@ -62,6 +65,11 @@ def _get(record: dict, path: tuple[str, ...]) -> float | None:
     return float(cur) if isinstance(cur, (int, float)) else None
 
 
+UNRELIABLE = "†"
+UNRELIABLE_NOTE = (f"{UNRELIABLE} timing unreliable on at least one seed (spread of repeated measurements too "
+                   "large, or too few samples): read it as a rough figure")
+
+
 @dataclass
 class Board:
     """One leaderboard table plus its footnotes."""
@@ -70,6 +78,7 @@ class Board:
     model: str
     table: pd.DataFrame
     footnotes: list[str] = field(default_factory=list)
+    numbers: pd.DataFrame = field(default_factory=pd.DataFrame)  # tidy: mean, std, n per metric
     curves: dict[str, np.ndarray] = field(default_factory=dict)  # loss label -> mean test top-k curve
     # complete rows only: loss label -> column key -> the per-seed values (scaled as displayed)
     values: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
@@ -125,11 +134,12 @@ def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict,
         specs_here = [s for specs in by_loss.values() for s in specs]
         cols = columns(eval_cfg, macro=any(float(s.dataset.params.get("long_tail") or 1) > 1 for s in specs_here))
         primary = next(c for c in cols if c.key == primary_key)
-        rows, notes, curves, values = [], [], {}, {}
+        rows, notes, curves, values, numbers = [], [], {}, {}, []
         for label, specs in by_loss.items():
             recs = [records.get(s.run_id) for s in specs]
             done = [r for r in recs if r is not None and r["status"] == "done"]
             row = {"loss": label, "n": f"{len(done)}/{len(specs)}"}
+            tidy: dict = {"loss": label, "seeds_done": len(done), "seeds_expected": len(specs)}
             complete = len(done) == len(specs)
             if not complete:
                 statuses = defaultdict(int)
@@ -142,28 +152,39 @@ def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict,
                 if not complete or any(v is None for v in seed_values):
                     row[col.title] = "—"
                     row[f"_{col.key}"] = np.nan
+                    tidy.update({f"{col.key}_mean": np.nan, f"{col.key}_std": np.nan, f"{col.key}_n": 0})
                     continue
                 arr = np.array(seed_values) * col.scale
                 values.setdefault(label, {})[col.key] = arr
                 std = arr.std(ddof=1) if len(arr) > 1 else 0.0
-                row[col.title] = f"{arr.mean():.{col.digits}f} ± {std:.{col.digits}f}"
+                shaky = col.reliable_path is not None and any(_get(r, col.reliable_path) == 0 for r in done)
+                row[col.title] = f"{arr.mean():.{col.digits}f} ± {std:.{col.digits}f}" + (UNRELIABLE if shaky else "")
                 row[f"_{col.key}"] = arr.mean()
+                tidy.update({f"{col.key}_mean": arr.mean(), f"{col.key}_std": std, f"{col.key}_n": len(arr)})
+                if col.reliable_path is not None:
+                    tidy[f"{col.key}_reliable"] = not shaky
+                if shaky and UNRELIABLE_NOTE not in notes:
+                    notes.append(UNRELIABLE_NOTE)
             if complete and all(r.get("metrics", {}).get("curve_test_last") for r in done):
                 curves[label] = np.mean([r["metrics"]["curve_test_last"] for r in done], axis=0)
             rows.append(row)
+            numbers.append(tidy)
         table = pd.DataFrame(rows)
         score = table[f"_{primary.key}"]
         table.insert(0, "rank", score.rank(ascending=not primary.higher_is_better, method="min"))
         table["rank"] = table["rank"].map(lambda r: "—" if pd.isna(r) else str(int(r)))
         table = table.assign(_sort=score if primary.higher_is_better else -score)
         table = table.sort_values("_sort", ascending=False, na_position="last")
+        hidden = [c for c in table.columns if c.startswith("_")]
+        order = {label: i for i, label in enumerate(table["loss"])}
+        tidy_table = pd.DataFrame(numbers).sort_values("loss", key=lambda c: c.map(order)).reset_index(drop=True)
+        tidy_table.insert(0, "rank", pd.to_numeric(table["rank"].reset_index(drop=True), errors="coerce"))
         ref = _reference([records.get(s.run_id) for s in specs_here])
         if ref is None and reference_fallback is not None:
             ref = reference_fallback(specs_here[0].dataset)
-        if ref is not None:
-            ref_row, _ = _reference_rows(ref, cols, table)
+        if ref is not None:  # after the tidy table: the reference is no loss
+            ref_row, added = _reference_rows(ref, cols, table)
             table = pd.concat([table, pd.DataFrame([ref_row])], ignore_index=True)
-        hidden = [c for c in table.columns if c.startswith("_")]
-        boards.append(Board(ds, model, table.drop(columns=hidden).reset_index(drop=True), notes, curves, values, cols,
-                            ref))
+        boards.append(Board(ds, model, table.drop(columns=hidden).reset_index(drop=True), notes, tidy_table,
+                            curves, values, cols, ref))
     return boards

@@ -92,13 +92,38 @@ def _data_info_lines(boards: list[Board], records: list[dict]) -> list[str]:
     return lines
 
 
+def _pool_name(store: RunStore) -> str:
+    try:
+        return str(store.runs_dir.resolve().relative_to(store.root.resolve().parent.parent))
+    except ValueError:
+        return str(store.runs_dir)
+
+
+def _data_lines(records: list[dict]) -> list[str]:
+    """Split sizes and class counts as the runs saw them (one line per distinct data setup)."""
+    seen: dict[str, int] = {}
+    for r in records:
+        info = r.get("data_info") or {}
+        sizes = [f"{split} {info[f'{split}_size']}" for split in ("train", "val", "test") if f"{split}_size" in info]
+        if not sizes:
+            continue
+        classes = info.get("num_classes")
+        text = ", ".join(sizes) + (f" samples; {classes} classes" if classes is not None else " samples")
+        for key in ("val_holdout_used", "flipped_labels"):
+            if info.get(key):
+                text += f"; {key.replace('_', ' ')} {info[key]}"
+        seen[text] = seen.get(text, 0) + 1
+    return [f"- splits: {text} ({n} runs)" for text, n in seen.items()]
+
+
 def write_report(suite: Suite, store: RunStore) -> Path:
     """Write `<results>/<suite>/report.md`, leaderboard CSVs and plots; return the report path."""
-    by_id = {r["run_id"]: r for r in store.records()}
-    expected = {s.run_id for s in suite.runs}
+    expected = list(dict.fromkeys(s.run_id for s in suite.runs))
+    by_id = store.records_for(expected)
+    ignored = {run_id: why for run_id, why in store.problems().items() if run_id in set(expected)}
     records = [by_id[i] for i in expected if i in by_id]
     counts = Counter(r["status"] for r in records)
-    missing = len(expected) - len(records)
+    missing = len(expected) - len(records) - len(ignored)
     eval_cfg = suite.runs[0].eval
     boards = leaderboard.build(suite.runs, by_id, eval_cfg, reference_fallback=reference_of)
     plots = store.root / "plots"
@@ -112,9 +137,10 @@ def write_report(suite: Suite, store: RunStore) -> Path:
         f"- runs: {len(expected)} expected — {counts.get('done', 0)} done, "
         + ", ".join(f"{counts[s]} {s}" for s in ("failed", "nan", "oom", "timeout") if counts.get(s))
         + (", " if any(counts.get(s) for s in ("failed", "nan", "oom", "timeout")) else "")
-        + f"{missing} missing",
+        + f"{missing} missing" + (f", {len(ignored)} with an invalid record file (ignored)" if ignored else ""),
         f"- environment: {_environment_line(records)}",
         f"- data: {_setup_line(suite)}",
+        *_data_lines(records),
         *_data_info_lines(boards, records),
         f"- metrics: test split, model selected by `{eval_cfg['select']}` (per metric); "
         f"ranked by `{eval_cfg['primary']}`; mean ± std over seeds (sample std); "
@@ -123,7 +149,7 @@ def write_report(suite: Suite, store: RunStore) -> Path:
     ]
     for board in boards:
         slug = _slug(f"{board.dataset}-{board.model}")
-        board.table.to_csv(store.root / f"leaderboard-{slug}.csv", index=False)
+        board.numbers.to_csv(store.root / f"leaderboard-{slug}.csv", index=False)
         lines += [f"## {board.dataset} · {board.model}", "",
                   tabulate(board.table, headers="keys", tablefmt="github", showindex=False), ""]
         lines += [f"- ⚠ {note}" for note in board.footnotes]
@@ -139,9 +165,17 @@ def write_report(suite: Suite, store: RunStore) -> Path:
                   f"**{r['status']}** — {(r.get('error') or '').splitlines()[0] if r.get('error') else ''}"
                   for r in failed]
         lines.append("")
-    lines += ["## Run records", "", "Every number above comes from these files in `runs/`:", ""]
+    if ignored:
+        lines += ["## Record files ignored", "",
+                  "These files in the run pool failed validation; their runs count as missing and are "
+                  "recomputed by the next `topk-bench run`:", ""]
+        lines += [f"- `runs/{run_id}.json`: {why}" for run_id, why in sorted(ignored.items())]
+        lines.append("")
+    lines += ["## Run records", "",
+              f"Every number above comes from these files in `{_pool_name(store)}/` (one pool per results root):", ""]
     for spec in suite.runs:
-        status = by_id[spec.run_id]["status"] if spec.run_id in by_id else "missing"
+        status = by_id[spec.run_id]["status"] if spec.run_id in by_id else (
+            "invalid record (ignored)" if spec.run_id in ignored else "missing")
         lines.append(f"- `{spec.run_id}` {variant_label(LOSSES, spec.loss)} · seed {spec.seed} · {status}")
     path = store.root / "report.md"
     path.write_text("\n".join(lines) + "\n")
