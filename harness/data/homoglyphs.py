@@ -43,7 +43,7 @@ from harness.errors import DataError
 from harness.registry import Param, register_dataset
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 _UPPER = ("ABCDEFGHIJKLMNOPQRSTUVWXYZ"
           + "".join(chr(c) for c in range(0x391, 0x3AA) if c != 0x3A2)  # Α..Ω
@@ -202,6 +202,7 @@ def build(p: dict, spec: dict) -> dict[str, np.ndarray]:
         classes=len(chars), fonts=len(fonts), font_families=sorted({f.family for f in fonts}),
         test_families=sorted(test_families), glyphs=len(gfont), size=size,
         train_size=len(train_idx), val_size=int((role == 1).sum()), test_size=len(test_idx),
+        classes_in_test=int(len(np.unique(gclass[g[test_idx]]))),
         fonts_sha256=hashlib.sha256("".join(f.sha256 for f in fonts).encode()).hexdigest()[:16],
     )
     x = samples.numpy()
