@@ -3,12 +3,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.registry import (
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
+
+from harness.registry import (  # noqa: E402
     DATASETS,
     LOSSES,
     MODELS,
     Entry,
     Param,
+    ReferenceImpl,
     RegistryError,
     TrainingProgress,
     register_dataset,
@@ -16,9 +19,8 @@ from harness.registry import (
     register_model,
 )
 
-__version__ = "0.1.0"
 __all__ = [
-    "DATASETS", "LOSSES", "MODELS", "Entry", "Param", "RegistryError", "TrainingProgress",
+    "DATASETS", "LOSSES", "MODELS", "Entry", "Param", "ReferenceImpl", "RegistryError", "TrainingProgress",
     "build_loss", "list_losses", "register_dataset", "register_loss", "register_model",
 ]
 

@@ -64,3 +64,16 @@ class DataBundle:
         if self.class_counts is not None:
             return list(self.class_counts)
         return torch.bincount(self.train.y.long().cpu(), minlength=self.num_classes).tolist()
+
+    def describe(self) -> dict:
+        """Sizes and class counts of every split, computed from the splits (merged into records' data_info).
+
+        `classes` is the model's output size; `classes_in_<split>` counts the distinct labels a
+        split actually contains (fewer than `classes` means some classes never occur there).
+        """
+        out: dict = {"classes": int(self.num_classes)}
+        for name in ("train", "val", "test"):
+            split = getattr(self, name)
+            out[f"{name}_size"] = None if split is None else len(split)
+            out[f"classes_in_{name}"] = None if split is None else int(torch.unique(split.y).numel())
+        return out
