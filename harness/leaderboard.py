@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -39,10 +40,14 @@ class Column:
     reliable_path: tuple[str, ...] | None = None  # a bool per record: False marks the cell unreliable
 
 
-def columns(eval_cfg: dict) -> list[Column]:
+def columns(eval_cfg: dict, macro: bool = False) -> list[Column]:
+    """Top-k per k, k@99 %, timings; with `macro`, the class-averaged top-k beside (long-tailed data)."""
     sel = eval_cfg["select"]
     cols = [Column(f"top{k}", f"top-{k} % ↑", True, ("metrics", "test", sel, f"top{k}"), 2, 100.0)
             for k in eval_cfg["k"]]
+    if macro:
+        cols += [Column(f"macro_top{k}", f"macro top-{k} % ↑", True, ("metrics", "test", sel, f"macro_top{k}"), 2,
+                        100.0) for k in eval_cfg["k"]]
     cols.append(Column("k99", "k@99 % ↓", False, ("metrics", "test", sel, "k99"), 1))
     cols.append(Column("step_ms", "step ms ↓", False, ("timings", "median_step_ms"), 2,
                        reliable_path=("timings", "step_reliable")))
@@ -78,12 +83,47 @@ class Board:
     # complete rows only: loss label -> column key -> the per-seed values (scaled as displayed)
     values: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     columns: list[Column] = field(default_factory=list)
+    reference: dict | None = None  # data_info["reference"]: a Bayes optimum or an oracle bound
 
 
-def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict) -> list[Board]:
-    """Group the suite's expected runs into leaderboards; cells of incomplete rows are '—'."""
-    cols = columns(eval_cfg)
-    primary = next(c for c in cols if c.key == eval_cfg["primary"])
+def _reference(recs: list[dict | None]) -> dict | None:
+    """The dataset's reference curve (Bayes optimum / oracle bound) from the first record that has one."""
+    for r in recs:
+        ref = (r or {}).get("data_info", {}).get("reference") if isinstance(r, dict) else None
+        if isinstance(ref, dict) and isinstance(ref.get("curve"), list):
+            return ref
+    return None
+
+
+def _reference_rows(ref: dict, cols: list[Column], table: pd.DataFrame) -> tuple[dict, list[str]]:
+    """The reference row (values, no spread) and a `Δ <label> top-k` column per top-k (loss − reference, pp)."""
+    row: dict = {"rank": "ref", "loss": f"*{ref.get('label', 'reference')}*", "n": "—"}
+    added = []
+    for col in cols:
+        curve = ref.get("macro_curve") if col.key.startswith("macro_top") else ref.get("curve")
+        k = int(col.key.rsplit("top", 1)[1]) if "top" in col.key else 0
+        if not k or not curve or k > len(curve):
+            row[col.title] = "—"
+            continue
+        value = curve[k - 1] * col.scale
+        row[col.title] = f"{value:.{col.digits}f}"
+        if not col.key.startswith("macro_"):
+            title = f"Δ ref top-{k}"
+            table[title] = [f"{m - value:+.{col.digits}f}" if not np.isnan(m) else "—" for m in table[f"_{col.key}"]]
+            row[title] = "0"
+            added.append(title)
+    return row, added
+
+def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict,
+          reference_fallback: Callable[[Component], dict | None] | None = None) -> list[Board]:
+    """Group the suite's expected runs into leaderboards; cells of incomplete rows are '—'.
+
+    A board whose records carry a `data_info.reference` (the Bayes optimum of synthetic data, the
+    oracle bound of homoglyphs) gets it as a last, unranked row and `Δ ref top-k` columns;
+    `reference_fallback(dataset)` supplies it for records written before datasets recorded one.
+    Long-tailed datasets (`long_tail` > 1) get macro top-k columns beside the micro ones.
+    """
+    primary_key = eval_cfg["primary"]
     groups: dict[tuple[str, str], dict[str, list[RunSpec]]] = defaultdict(lambda: defaultdict(list))
     datasets, models = [s.dataset for s in runs], [s.model for s in runs]
     for spec in runs:
@@ -91,6 +131,9 @@ def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict) -> list
         groups[key][variant_label(LOSSES, spec.loss)].append(spec)
     boards = []
     for (ds, model), by_loss in groups.items():
+        specs_here = [s for specs in by_loss.values() for s in specs]
+        cols = columns(eval_cfg, macro=any(float(s.dataset.params.get("long_tail") or 1) > 1 for s in specs_here))
+        primary = next(c for c in cols if c.key == primary_key)
         rows, notes, curves, values, numbers = [], [], {}, {}, []
         for label, specs in by_loss.items():
             recs = [records.get(s.run_id) for s in specs]
@@ -136,6 +179,12 @@ def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict) -> list
         order = {label: i for i, label in enumerate(table["loss"])}
         tidy_table = pd.DataFrame(numbers).sort_values("loss", key=lambda c: c.map(order)).reset_index(drop=True)
         tidy_table.insert(0, "rank", pd.to_numeric(table["rank"].reset_index(drop=True), errors="coerce"))
+        ref = _reference([records.get(s.run_id) for s in specs_here])
+        if ref is None and reference_fallback is not None:
+            ref = reference_fallback(specs_here[0].dataset)
+        if ref is not None:  # after the tidy table: the reference is no loss
+            ref_row, added = _reference_rows(ref, cols, table)
+            table = pd.concat([table, pd.DataFrame([ref_row])], ignore_index=True)
         boards.append(Board(ds, model, table.drop(columns=hidden).reset_index(drop=True), notes, tidy_table,
-                            curves, values, cols))
+                            curves, values, cols, ref))
     return boards

@@ -38,7 +38,9 @@ class Param:
     doc: str = ""
     # How the value enters the run id: "value" (as is), "ignore" (where data lives, e.g. a cache
     # folder), "basename" (a file path: its name identifies the data, its folder does not),
-    # "content" (a file or folder path: a hash of its bytes identifies the data; see content_hash).
+    # "content" (a file or folder path: a hash of its bytes identifies the data; see content_hash),
+    # "unless_default" (left out while it equals its default: a parameter added later keeps the
+    # run ids of existing records).
     identity: str = "value"
     # A file-system path: a relative value in a suite resolves against the suite file's folder.
     path: bool = False
@@ -196,6 +198,8 @@ class Entry(Generic[T]):
             mode = self.params[key].identity if key in self.params else "value"
             if mode == "basename" and isinstance(value, str):
                 out[key] = value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+            elif mode == "unless_default" and value == self.params[key].default:
+                continue
             elif mode == "content" and isinstance(value, str):
                 from harness.content_hash import content_digest  # hashing only where a suite asks for it
 

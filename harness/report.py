@@ -20,6 +20,7 @@ from harness.findings import board_findings  # noqa: E402
 from harness.leaderboard import Board  # noqa: E402
 from harness.leaderboard import variant_label, varying_label  # noqa: E402
 from harness.registry import DATASETS, LOSSES, MODELS  # noqa: E402
+from harness.spec import Component  # noqa: E402
 from harness.store import RunStore  # noqa: E402
 from harness.suite import Suite  # noqa: E402
 
@@ -78,6 +79,36 @@ def _setup_line(suite: Suite) -> str:
             f"lr {train['optimizer']['lr']:g}, schedule {train['schedule']['name']} · seeds {suite.model.seeds}")
 
 
+def reference_of(dataset: Component) -> dict | None:
+    """A dataset's reference curve computed from its parameters (for records that predate it)."""
+    entry = DATASETS.get(dataset.name)
+    compute = entry.extra.get("reference")
+    if compute is None:
+        return None
+    try:
+        return compute(entry.validate_params(dataset.params))
+    except Exception as exc:  # a report must not fail over its reference row
+        log.warning("no reference for %s: %s", dataset.name, exc)
+        return None
+
+
+def _data_info_lines(boards: list[Board], records: list[dict]) -> list[str]:
+    """Setup lines on the reference row and, for homoglyphs, the look-alike groups."""
+    lines = []
+    for board in boards:
+        ref = board.reference
+        if ref:
+            kind = "exact Bayes optimum given the test inputs" if ref.get("exact") else "an upper bound"
+            head = ", ".join(f"top-{k} {100 * ref['curve'][k - 1]:.2f} %" for k in (1, 2, 5) if k <= len(ref["curve"]))
+            lines.append(f"- reference ({board.dataset}): *{ref.get('label')}* — {kind}: {head}; "
+                         f"`Δ ref` columns are loss − reference in points ({ref.get('note', '')})")
+    groups = next((r["data_info"]["ambiguity"] for r in records if "ambiguity" in (r.get("data_info") or {})), None)
+    if groups:
+        listed = ", ".join(f"{g['chars']} ({g['fonts']})" for g in groups["identical_groups"][:12])
+        lines.append(f"- look-alike classes, pixel-identical in (n) fonts: {listed}")
+    return lines
+
+
 def _pool_name(store: RunStore) -> str:
     try:
         return str(store.runs_dir.resolve().relative_to(store.root.resolve().parent.parent))
@@ -113,7 +144,7 @@ def write_report(suite: Suite, store: RunStore) -> Path:
     counts = Counter(r["status"] for r in records)
     missing = len(expected) - len(records) - len(ignored)
     eval_cfg = suite.runs[0].eval
-    boards = leaderboard.build(suite.runs, by_id, eval_cfg)
+    boards = leaderboard.build(suite.runs, by_id, eval_cfg, reference_fallback=reference_of)
     plots = store.root / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -129,6 +160,7 @@ def write_report(suite: Suite, store: RunStore) -> Path:
         f"- environment: {_environment_line(records)}",
         f"- data: {_setup_line(suite)}",
         *_data_lines(records),
+        *_data_info_lines(boards, records),
         f"- metrics: test split, model selected by `{eval_cfg['select']}` (per metric); "
         f"ranked by `{eval_cfg['primary']}`; mean ± std over seeds (sample std); "
         "ties in scores count against the true label",

@@ -272,6 +272,12 @@ def load_suite(path: str | Path, max_runs: int = DEFAULT_MAX_RUNS) -> Suite:
     if model.eval.primary not in primary_ok:
         raise SuiteError(f"{path}: eval.primary: {short_repr(model.eval.primary)} is not one of {sorted(primary_ok)}")
     for ds in datasets:
+        check = DATASETS.get(ds.name).extra.get("validate")
+        if check is not None:  # cheap dataset-level checks (too little data, an empty class, …)
+            try:
+                check(ds.params)
+            except UserError as exc:
+                raise SuiteError(f"{path}: dataset.params: {exc}") from None
         num_classes = DATASETS.get(ds.name).extra["num_classes"](ds.params)
         if max(model.eval.k) > num_classes:
             too_big = max(model.eval.k)

@@ -106,7 +106,14 @@ class Trainer:
         self.model = MODELS.get(spec.model.name).obj(self.data.input_shape, n, **spec.model.params).to(device)
         if self.cfg["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.loss_fn = LOSSES.get(spec.loss.name).obj(num_classes=n, **spec.loss.params).to(device)
+        loss_entry, loss_params = LOSSES.get(spec.loss.name), dict(spec.loss.params)
+        if "class_counts" in loss_entry.params and loss_params.get("class_counts") is None:
+            counts = self.data.train_class_counts()  # the dataset's true counts (e.g. a long tail)
+            if min(counts) > 0:
+                loss_params["class_counts"] = counts
+            else:
+                log.warning("%s: a class has no training example; %s gets no class_counts", spec.run_id, spec.loss.name)
+        self.loss_fn = loss_entry.obj(num_classes=n, **loss_params).to(device)
         self.optimizer = _optimizer(list(self.model.parameters()) + list(self.loss_fn.parameters()), self.cfg)
         self.scheduler = _scheduler(self.optimizer, self.cfg)
         self.forward = torch.compile(self.model) if self.cfg["compile"] else self.model

@@ -56,6 +56,14 @@ class DataBundle:
     input_shape: tuple[int, ...]
     train_transform: BatchTransform | None = None
     info: dict = field(default_factory=dict)
+    # training examples per class as the loss sees them (None: count the training labels)
+    class_counts: list[int] | None = None
+
+    def train_class_counts(self) -> list[int]:
+        """`class_counts`, or the bincount of the training labels."""
+        if self.class_counts is not None:
+            return list(self.class_counts)
+        return torch.bincount(self.train.y.long().cpu(), minlength=self.num_classes).tolist()
 
     def describe(self) -> dict:
         """Sizes and class counts of every split, computed from the splits (merged into records' data_info).

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from harness.data.base import DataBundle, Split
-from harness.data.labels import balanced_subset, block_groups, group_noise, stratified_split
+from harness.data.labels import (
+    balanced_subset, block_groups, group_noise, long_tail_counts, long_tail_subset, stratified_split,
+)
 from harness.errors import DataError
 from harness.registry import Param, register_dataset
 
@@ -47,7 +49,16 @@ PARAMS = {
                        doc="exact training images per class (overrides train_fraction)"),
     "augment": Param(bool, True, doc="random crop (pad 4) + horizontal flip on training batches"),
     "split_seed": Param(int, 0, ge=0, doc="seed of the val split and subsets (noise uses the run seed)"),
+    "long_tail": Param(float, 1.0, ge=1.0, identity="unless_default",
+                       doc="CIFAR-100-LT: cut train to an exponential class profile with this imbalance ratio"),
 }
+
+
+def validate(p: dict) -> None:
+    """Suite-time check that the long-tail cut leaves every class a training image (one-line DataError)."""
+    if p["long_tail"] > 1:
+        per_class = p["per_class"] or round(500 * (1 - p["val_fraction"]) * p["train_fraction"])
+        long_tail_counts(per_class, 100, p["long_tail"])
 
 
 class CIFARMissing(DataError):
@@ -125,7 +136,8 @@ def crop_flip(padding: int = 4):
     return transform
 
 
-@register_dataset("cifar100", version=1, params=PARAMS, num_classes=lambda p: 100, input_shape=lambda p: (3, 32, 32))
+@register_dataset("cifar100", version=1, params=PARAMS, num_classes=lambda p: 100, validate=validate,
+                  input_shape=lambda p: (3, 32, 32))
 def load(seed: int, **p) -> DataBundle:
     """CIFAR-100 train/val/test splits (see the module docstring for the protocol)."""
     root = Path(p["root"]).expanduser()
@@ -137,6 +149,8 @@ def load(seed: int, **p) -> DataBundle:
     if p["per_class"] is not None or p["train_fraction"] < 1.0:
         sub = balanced_subset(y_all[keep], split_gen, per_class=p["per_class"], fraction=p["train_fraction"])
         keep = keep[sub]
+    if p["long_tail"] > 1:  # after the subset, before the noise (as CIFAR-100-LT noisy variants)
+        keep = keep[long_tail_subset(y_all[keep], 100, p["long_tail"], split_gen)]
     y_train = y_all[keep]
     info: dict = {"noise": p["noise"], "noise_mode": p["noise_mode"], "flipped_labels": 0}
     if p["noise"] > 0:

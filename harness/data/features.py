@@ -39,6 +39,7 @@ from harness.data.base import DataBundle, Split
 from harness.data.feature_files import (  # noqa: F401  (re-exported for users and tests)
     MISSING, SPLITS, FeatureFileError, IndexedArray, ShardedArray, fail, open_features,
 )
+from harness.data.labels import long_tail_subset
 from harness.registry import Param, register_dataset
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ PARAMS = {
     "val_holdout": Param(int, None, optional=True, ge=1,
                          doc="absolute number of training samples held out as val (overrides val_fraction)"),
     "split_seed": Param(int, 0, ge=0, doc="seed of the val holdout"),
+    "long_tail": Param(float, 1.0, ge=1.0, identity="unless_default",
+                       doc="cut train to an exponential class profile with this imbalance ratio (1: no cut)"),
 }
 
 
@@ -226,5 +229,10 @@ def load(seed: int, **p) -> DataBundle:
         lost = len(np.unique(labels["train"])) - int(torch.unique(train.y).numel())
         if lost:
             log.warning("features: %s: the val holdout took every training sample of %d classes", path, lost)
+    if p["long_tail"] > 1:  # CIFAR-100-LT's profile on the training split (labels.long_tail_counts)
+        sub = long_tail_subset(train.y, summary.num_classes, p["long_tail"],
+                               torch.Generator().manual_seed(p["split_seed"] + 1))
+        train = Split(IndexedArray(train.x, sub.numpy()), train.y[sub])  # type: ignore[arg-type]
+        info["long_tail"] = p["long_tail"]
     shape = tuple(int(d) for d in arrays["train_features"].shape[1:])
     return DataBundle(train, val, test, summary.num_classes, shape, info=info)

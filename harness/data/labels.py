@@ -1,11 +1,15 @@
-"""Label helpers shared by datasets: seeded label noise and class-balanced subsets.
+"""Label helpers shared by datasets: seeded label noise, class-balanced and long-tailed subsets.
 
 All functions are vectorised (no Python loop over samples or classes) and draw their random
 numbers from an explicit CPU `torch.Generator`, so results depend only on the seed.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
+from harness.errors import DataError
 
 
 def block_groups(num_classes: int, block: int = 5) -> torch.Tensor:
@@ -103,3 +107,41 @@ def balanced_subset(
         return torch.arange(labels.shape[0])
     rank = per_class_rank(labels, generator)
     return torch.nonzero(rank < take[labels]).flatten()
+
+
+def long_tail_counts(n_max: int, num_classes: int, ratio: float) -> torch.Tensor:
+    """Exponential class profile of CIFAR-100-LT: n_c = ⌊n_max · ratio^(−c/(C−1))⌋, c = 0..C−1.
+
+    Class 0 is the head (n_max samples), class C−1 the tail (⌊n_max / ratio⌋); ratio 1 keeps every
+    class at n_max. Cao et al.'s LDAM code (the usual CIFAR-LT recipe) truncates the same way.
+    A class left with no sample raises DataError (one line) naming the numbers.
+    """
+    if ratio < 1:
+        raise DataError(f"long_tail: imbalance ratio must be ≥ 1, got {ratio:g}")
+    c = torch.arange(num_classes, dtype=torch.float64)
+    exponent = c / (num_classes - 1) if num_classes > 1 else torch.zeros_like(c)
+    counts = torch.floor(n_max * ratio ** (-exponent) + 1e-9).long()
+    if num_classes and int(counts.min()) < 1:
+        empty = int((counts < 1).sum())
+        raise DataError(f"long_tail={ratio:g} leaves {empty} of {num_classes} classes empty (class "
+                        f"{int(torch.nonzero(counts < 1)[0])} on): the head class has only "
+                        f"{n_max} training samples (need ≥ {math.ceil(ratio)}); lower long_tail or add data")
+    return counts
+
+
+def long_tail_subset(labels: torch.Tensor, num_classes: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """Sorted indices of a random long-tailed subset: class c keeps min(n_c, its count) samples.
+
+    n_max is the largest class count and n_c follows `long_tail_counts`; which samples of a class
+    are kept is a seeded per-class shuffle. Ratio 1 keeps everything.
+    """
+    labels = labels.long().cpu()
+    have = torch.bincount(labels, minlength=num_classes)
+    if ratio == 1:
+        return torch.arange(labels.shape[0])
+    missing = torch.nonzero(have == 0).flatten()
+    if len(missing):
+        raise DataError(f"long_tail: class {int(missing[0])} has no training sample before the cut")
+    want = torch.minimum(long_tail_counts(int(have.max()), num_classes, ratio), have)
+    rank = per_class_rank(labels, generator)
+    return torch.nonzero(rank < want[labels]).flatten()

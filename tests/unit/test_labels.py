@@ -75,3 +75,31 @@ def test_balanced_subsets_exact_counts():
     assert len(balanced_subset(y, torch.Generator(), fraction=1.0)) == len(y)
     with pytest.raises(ValueError, match="class 0 has only 50"):
         balanced_subset(y, torch.Generator(), per_class=51)
+
+
+def test_long_tail_counts_follow_cifar_lt():
+    from harness.data.labels import long_tail_counts
+
+    counts = long_tail_counts(500, 100, 100.0)
+    assert counts[0] == 500 and counts[-1] == 5 and counts[0] / counts[-1] == 100
+    assert (counts[:-1] >= counts[1:]).all()
+    # Cao et al.'s LDAM recipe: int(n_max * (1/ratio) ** (c / (C - 1)))
+    assert counts.tolist() == [int(500 * 0.01 ** (c / 99)) for c in range(100)]
+    assert sum(counts.tolist()) == 10847  # CIFAR-100-LT (ratio 100) has 10 847 training images
+    assert long_tail_counts(7, 5, 1.0).tolist() == [7] * 5
+
+
+def test_long_tail_subset_cuts_per_class_and_empty_classes_raise():
+    from harness.data.labels import long_tail_subset
+    from harness.errors import DataError
+
+    y = _labels(100, classes=10)
+    keep = long_tail_subset(y, 10, 20.0, torch.Generator().manual_seed(0))
+    counts = torch.bincount(y[keep], minlength=10)
+    assert counts[0] == 100 and counts[-1] == 5 and (counts[:-1] >= counts[1:]).all()
+    assert torch.equal(keep, torch.sort(keep).values)
+    again = long_tail_subset(y, 10, 20.0, torch.Generator().manual_seed(0))
+    assert torch.equal(keep, again)
+    with pytest.raises(DataError, match="classes empty") as err:
+        long_tail_subset(y, 10, 200.0, torch.Generator().manual_seed(0))
+    assert "\n" not in str(err.value)

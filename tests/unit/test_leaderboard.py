@@ -39,3 +39,40 @@ def test_mean_std_rank_and_missing():
     assert table.loc["crammer_singer", "n"] == "1/3"
     assert any("1 missing, 1 nan of 3 seeds" in note for note in board.footnotes)
     assert set(board.curves) == {"softmax", "softmax[label_smoothing=0.1]"}
+
+
+def test_reference_row_gap_columns_and_macro_for_long_tails():
+    eval_cfg = {"k": [1, 5], "primary": "top1", "select": "best_val"}
+    ref = {"label": "Bayes optimum", "curve": [0.8, 0.9, 0.95, 0.97, 0.99], "macro_curve": [0.7] * 5}
+
+    def make(loss, seed, long_tail):
+        return RunSpec(Component(loss, 1, {}), Component("synthetic", 1, {"long_tail": long_tail}),
+                       Component("mlp", 1, {}), {"epochs": 1}, eval_cfg, seed)
+
+    for long_tail in (1.0, 10.0):
+        specs = [make("softmax", s, long_tail) for s in range(2)]
+        recs = {}
+        for s, top1 in zip(specs, [0.5, 0.7]):
+            r = record(s, top1)
+            r["metrics"]["test"]["best_val"].update(macro_top1=top1 - 0.1, macro_top5=0.8)
+            r["data_info"] = {"reference": ref}
+            recs[s.run_id] = r
+        (board,) = leaderboard.build(specs, recs, eval_cfg)
+        table = board.table.set_index("loss")
+        assert list(board.table["loss"]) == ["softmax", "*Bayes optimum*"]  # reference last, unranked
+        assert table.loc["*Bayes optimum*", "rank"] == "ref"
+        assert table.loc["*Bayes optimum*", "top-1 % ↑"] == "80.00"
+        assert table.loc["*Bayes optimum*", "top-5 % ↑"] == "99.00"
+        assert table.loc["softmax", "Δ ref top-1"] == "-20.00" and table.loc["softmax", "Δ ref top-5"] == "-9.00"
+        assert set(board.values) == {"softmax"}  # the reference is no loss: findings never see it
+        has_macro = "macro top-1 % ↑" in board.table.columns
+        assert has_macro == (long_tail > 1)
+        if has_macro:
+            assert table.loc["softmax", "macro top-1 % ↑"].startswith("50.00")
+            assert table.loc["*Bayes optimum*", "macro top-1 % ↑"] == "70.00"
+    # no reference in the records: the fallback supplies it, or there is no row
+    (board,) = leaderboard.build(specs[:1], {specs[0].run_id: record(specs[0], 0.5)}, eval_cfg)
+    assert "*Bayes optimum*" not in list(board.table["loss"])
+    (board,) = leaderboard.build(specs[:1], {specs[0].run_id: record(specs[0], 0.5)}, eval_cfg,
+                                 reference_fallback=lambda ds: ref)
+    assert list(board.table["loss"])[-1] == "*Bayes optimum*"

@@ -39,6 +39,17 @@ CASES = {
     "primary not evaluated": (GOOD.replace("k: [1, 2]}", "k: [1, 2], primary: top5}"), ["eval.primary"]),
     "duplicate runs": (GOOD.replace("losses: [softmax]", "losses: [softmax, softmax]"), ["twice"]),
     "bad suite name": (GOOD.replace("suite: s", "suite: 'a/b'"), ["suite"]),
+    "long tail empties a class": (GOOD.replace("test_size: 32}", "test_size: 32, long_tail: 100}"),
+                                  ["dataset.params", "long_tail=100", "4 of 8 classes empty"]),
+    "superclass sizes do not add up": (GOOD.replace("superclasses: 2,", "superclass_sizes: [3, 3],"),
+                                       ["dataset.params", "superclass_sizes", "classes=8"]),
+    "homoglyphs: too few samples per glyph": (
+        GOOD.replace("name: synthetic, params: {classes: 8, superclasses: 2, train_size: 64, val_size: 32, test_size: 32}",
+                     "name: homoglyphs, params: {charset: AB, samples_per_glyph: 2, hold_out_fonts: false}"),
+        ["dataset.params", "samples_per_glyph=2", "no training sample"]),
+    "homoglyphs: unknown charset preset": (
+        GOOD.replace("name: synthetic, params: {classes: 8, superclasses: 2, train_size: 64, val_size: 32, test_size: 32}",
+                     "name: homoglyphs, params: {charset: digits_leters}"), ["did you mean 'digits_letters'"]),
 }
 
 
