@@ -69,6 +69,7 @@ class Board:
     # complete rows only: loss label -> column key -> the per-seed values (scaled as displayed)
     values: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     columns: list[Column] = field(default_factory=list)
+    seeds: dict[str, list[int]] = field(default_factory=dict)  # complete rows: the seed of each value
 
 
 def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict) -> list[Board]:
@@ -82,12 +83,14 @@ def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict) -> list
         groups[key][variant_label(LOSSES, spec.loss)].append(spec)
     boards = []
     for (ds, model), by_loss in groups.items():
-        rows, notes, curves, values = [], [], {}, {}
+        rows, notes, curves, values, seeds = [], [], {}, {}, {}
         for label, specs in by_loss.items():
             recs = [records.get(s.run_id) for s in specs]
             done = [r for r in recs if r is not None and r["status"] == "done"]
             row = {"loss": label, "n": f"{len(done)}/{len(specs)}"}
             complete = len(done) == len(specs)
+            if complete:
+                seeds[label] = [s.seed for s in specs]
             if not complete:
                 statuses = defaultdict(int)
                 for r in recs:
@@ -115,5 +118,6 @@ def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict) -> list
         table = table.assign(_sort=score if primary.higher_is_better else -score)
         table = table.sort_values("_sort", ascending=False, na_position="last")
         hidden = [c for c in table.columns if c.startswith("_")]
-        boards.append(Board(ds, model, table.drop(columns=hidden).reset_index(drop=True), notes, curves, values, cols))
+        boards.append(Board(ds, model, table.drop(columns=hidden).reset_index(drop=True), notes, curves, values, cols,
+                            seeds))
     return boards

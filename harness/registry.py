@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterable, TypeVar
 
 from harness.errors import RegistryError
+from harness.space import Choice, Linear, Log, Space  # noqa: F401  (re-exported for loss modules)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -30,6 +31,9 @@ class Param:
     # How the value enters the run id: "value" (as is), "ignore" (where data lives, e.g. a cache
     # folder), "basename" (a file path: its name identifies the data, its folder does not).
     identity: str = "value"
+    # Where tuning searches this parameter (harness/space.py): Log(lo, hi), Linear(lo, hi) or
+    # Choice(...); None: not tuned unless a suite's `tune.space` names it.
+    search: Space | None = None
 
     def check(self, name: str, value: Any) -> Any:
         """Return the value (ints promoted to float where a float is wanted) or raise RegistryError."""
@@ -64,6 +68,8 @@ class Param:
                 parts.append(f"{label}{bound}")
         if self.choices is not None:
             parts.append("one of " + "|".join(map(str, self.choices)))
+        if self.search is not None:
+            parts.append("tune " + self.search.describe())
         return " ".join(parts)
 
 

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from harness import leaderboard  # noqa: E402
-from harness.findings import board_findings  # noqa: E402
+from harness.findings import Settings, board_findings, comparison_table  # noqa: E402
 from harness.leaderboard import Board  # noqa: E402
 from harness.leaderboard import variant_label  # noqa: E402
 from harness.registry import DATASETS, LOSSES, MODELS  # noqa: E402
@@ -95,7 +95,13 @@ def write_report(suite: Suite, store: RunStore) -> Path:
         lines += [f"## {board.dataset} · {board.model}", "",
                   tabulate(board.table, headers="keys", tablefmt="github", showindex=False), ""]
         lines += [f"- ⚠ {note}" for note in board.footnotes]
-        lines += ["", "What this table shows (generated from the records):", "", *board_findings(board)]
+        settings = Settings(suite.model.eval.baseline, suite.model.eval.min_seeds)
+        lines += ["", "What this table shows (generated from the records):", "", *board_findings(board, settings)]
+        table = comparison_table(board, settings, eval_cfg["primary"])
+        if not table.empty:
+            lines += ["", f"Each row against `{settings.baseline}` on `{eval_cfg['primary']}` (difference of means, "
+                      "95 % CI; p-values Holm-adjusted over every comparison in this table):", "",
+                      tabulate(table, headers="keys", tablefmt="github", showindex=False)]
         if board.curves:
             png = plots / f"topk-{slug}.png"
             _plot_curves(board, png, max_k=max(20, 2 * max(eval_cfg["k"])))

@@ -59,6 +59,12 @@ class Eval(_Strict):
     k: list[int] = Field(default_factory=lambda: [1, 5], min_length=1)
     primary: str = "top1"
     select: Literal["best_val", "last"] = "best_val"
+    # comparison settings: they change the report, never a run, so they are not part of run ids
+    baseline: str = "softmax"
+    min_seeds: int = Field(3, ge=1)
+
+
+NOT_HASHED_EVAL = {"baseline", "min_seeds"}
 
 
 class Resources(_Strict):
@@ -171,6 +177,23 @@ def _components(registry: Registry, named: Named, where: str) -> list[Component]
         raise SuiteError(str(exc)) from None
 
 
+def _check_baseline(path: Path, baseline: str, losses: list[Component]) -> None:
+    """`eval.baseline` names a loss of the suite, or one variant's label when the loss has several."""
+    from harness.leaderboard import variant_label  # leaderboard imports nothing from here
+
+    labels = [variant_label(LOSSES, c) for c in losses]
+    if baseline in labels:
+        return
+    variants = [label for c, label in zip(losses, labels) if c.name == baseline]
+    if len(variants) == 1:
+        return
+    if variants:
+        raise SuiteError(f"{path}: eval.baseline: '{baseline}' has {len(variants)} variants; name one of {variants}")
+    hint = difflib.get_close_matches(baseline, labels, n=1, cutoff=0.5)
+    did = f" (did you mean '{hint[0]}'?)" if hint else ""
+    raise SuiteError(f"{path}: eval.baseline: '{baseline}' is not a loss of this suite{did}; losses: {labels}")
+
+
 def load_suite(path: str | Path) -> Suite:
     """Read, validate and expand a suite file; raises SuiteError with a one-line message."""
     path = Path(path)
@@ -203,7 +226,8 @@ def load_suite(path: str | Path) -> Suite:
             except (ValueError, TypeError) as exc:
                 message = f"{loss.label()} with {num_classes} classes: {exc}"
                 raise SuiteError(f"{path}: losses: {message}") from None
-    train, evaluation = model.train.model_dump(), model.eval.model_dump()
+    _check_baseline(path, model.eval.baseline, losses)
+    train, evaluation = model.train.model_dump(), model.eval.model_dump(exclude=NOT_HASHED_EVAL)
     runs = [
         RunSpec(loss=loss, dataset=ds, model=m, train=train, eval=evaluation, seed=seed)
         for ds in datasets for m in models for loss in losses for seed in model.seeds

@@ -39,6 +39,12 @@ CASES = {
     "primary not evaluated": (GOOD.replace("k: [1, 2]}", "k: [1, 2], primary: top5}"), ["eval.primary"]),
     "duplicate runs": (GOOD.replace("losses: [softmax]", "losses: [softmax, softmax]"), ["twice"]),
     "bad suite name": (GOOD.replace("suite: s", "suite: 'a/b'"), ["suite"]),
+    "unknown baseline": (GOOD.replace("k: [1, 2]}", "k: [1, 2], baseline: sofmax}"),
+                         ["eval.baseline", "did you mean 'softmax'"]),
+    "ambiguous baseline": (GOOD.replace("k: [1, 2]}", "k: [1, 2], baseline: softmax}").replace(
+        "losses: [softmax]", "losses: [{name: softmax, params: {label_smoothing: [0.1, 0.2]}}]"),
+        ["eval.baseline", "2 variants", "softmax[label_smoothing=0.1]"]),
+    "min_seeds zero": (GOOD.replace("k: [1, 2]}", "k: [1, 2], min_seeds: 0}"), ["eval.min_seeds"]),
 }
 
 
@@ -90,3 +96,15 @@ def test_grid_expansion_and_defaults(write_suite):
     explicit = load_suite(write_suite(GOOD.replace(
         "losses: [softmax]", "losses: [{name: softmax, params: {label_smoothing: 0.0}}]"), name="b.yaml"))
     assert explicit.runs[0].run_id == load_suite(write_suite(GOOD, name="c.yaml")).runs[0].run_id
+
+
+def test_comparison_settings_do_not_change_run_ids(write_suite):
+    plain = load_suite(write_suite(GOOD.replace("losses: [softmax]", "losses: [softmax, lapin_entropy]")))
+    other = load_suite(write_suite(GOOD.replace("losses: [softmax]", "losses: [softmax, lapin_entropy]").replace(
+        "k: [1, 2]}", "k: [1, 2], baseline: lapin_entropy, min_seeds: 5}"), name="b.yaml"))
+    assert [r.run_id for r in plain.runs] == [r.run_id for r in other.runs]
+    assert other.model.eval.baseline == "lapin_entropy" and "baseline" not in other.runs[0].eval
+    labelled = load_suite(write_suite(GOOD.replace(
+        "losses: [softmax]", "losses: [{name: softmax, params: {label_smoothing: [0.0, 0.1]}}]").replace(
+        "k: [1, 2]}", "k: [1, 2], baseline: 'softmax[label_smoothing=0.1]'}"), name="c.yaml"))
+    assert labelled.model.eval.baseline == "softmax[label_smoothing=0.1]"
