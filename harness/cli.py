@@ -63,6 +63,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.report import write_report
 
     suite, store = _suite_and_store(args)
+    if suite.tune is not None:  # trials first, then the selected configurations (harness/tune_cli.py)
+        from harness import tune_cli
+
+        return tune_cli.run(args, suite, store)
     if args.dry_run:
         return cmd_status(args)
     resources = suite.model.resources

@@ -67,6 +67,28 @@ class Eval(_Strict):
 NOT_HASHED_EVAL = {"baseline", "min_seeds"}
 
 
+class LossTune(_Strict):
+    """Per-loss override of the search space (`losses[i].tune.space`); null removes a declared hint."""
+
+    space: dict[str, Any] = Field(default_factory=dict)
+
+
+class LossEntry(Named):
+    tune: LossTune | None = None
+
+
+class Tune(_Strict):
+    """`tune:` — every loss gets `budget` trials from its search space; see harness/tune.py."""
+
+    budget: int = Field(ge=1)
+    sampler: Literal["random", "tpe", "grid"] = "tpe"
+    seed: int = 0  # the sampler's seed
+    seeds: list[int] | None = Field(None, min_length=1)  # training seeds of the trials (default: the first suite seed)
+    metric: str | None = None  # validation metric to select on (default: eval.primary)
+    direction: Literal["max", "min"] | None = None  # default: max for top-k, min for k99
+    space: dict[str, Any] = Field(default_factory=dict)
+
+
 class Resources(_Strict):
     device: str = "auto"
     timeout_min: float = Field(60.0, gt=0)
@@ -83,15 +105,18 @@ class SuiteModel(_Strict):
     model: Named
     train: Train
     eval: Eval = Field(default_factory=Eval)
-    losses: list[str | Named] = Field(min_length=1)
+    losses: list[str | LossEntry] = Field(min_length=1)
+    tune: Tune | None = None
     resources: Resources = Field(default_factory=Resources)
 
 
 class Suite:
     """A validated suite file and its expanded runs."""
 
-    def __init__(self, path: Path, model: SuiteModel, runs: list[RunSpec]) -> None:
+    def __init__(self, path: Path, model: SuiteModel, runs: list[RunSpec], tune: Any = None) -> None:
         self.path, self.model, self.runs = path, model, runs
+        # a tuned suite: harness.tune_plan.TunePlan; `runs` is then the untuned grid (defaults), never run
+        self.tune = tune
 
     @property
     def name(self) -> str:
@@ -119,7 +144,7 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names of the (sub)model reached by `loc`, for did-you-mean hints."""
     current: Any = model
     if loc and loc[0] == "losses":
-        return list(Named.model_fields)
+        return list(LossTune.model_fields) if "tune" in loc[:-1] else list(LossEntry.model_fields)
     for part in loc[:-1]:
         fields = getattr(current, "model_fields", None)
         if fields is None or part not in fields:
@@ -134,7 +159,7 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
 def _pydantic_message(path: Path, exc: ValidationError) -> str:
     errors = exc.errors()  # an unknown key explains a "missing" one next to it: report it first
     err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in ("str", "Named")))
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in ("str", "Named", "LossEntry")))
     key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "<top>"
     if err["type"] == "extra_forbidden":
         allowed = _fields_at(SuiteModel, loc)
@@ -205,11 +230,10 @@ def load_suite(path: str | Path) -> Suite:
     try:
         datasets = _components(DATASETS, model.dataset, "dataset")
         models = _components(MODELS, model.model, "model")
-        losses = [
-            comp
-            for i, item in enumerate(model.losses)
-            for comp in _components(LOSSES, Named(name=item) if isinstance(item, str) else item, f"losses[{i}]")
-        ]
+        entries = [(i, comp) for i, item in enumerate(model.losses)
+                   for comp in _components(LOSSES, LossEntry(name=item) if isinstance(item, str) else item,
+                                           f"losses[{i}]")]
+        losses = [comp for _, comp in entries]
     except SuiteError as exc:
         raise SuiteError(f"{path}: {exc}") from None
     primary_ok = {f"top{k}" for k in model.eval.k} | {"k99"}
@@ -234,4 +258,13 @@ def load_suite(path: str | Path) -> Suite:
     ]
     if len({r.run_id for r in runs}) != len(runs):
         raise SuiteError(f"{path}: losses: the same run appears twice (duplicate loss entries or seeds)")
-    return Suite(path, model, runs)
+    plan = None
+    if model.tune is not None:
+        from harness.tune_plan import build_plan  # it imports the models above
+
+        plan = build_plan(path, model, entries, datasets, models, train, evaluation)
+    else:
+        tuned = next((i for i, e in enumerate(model.losses) if isinstance(e, LossEntry) and e.tune), None)
+        if tuned is not None:
+            raise SuiteError(f"{path}: losses[{tuned}].tune: needs a top-level `tune:` block (budget, sampler, …)")
+    return Suite(path, model, runs, plan)
