@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import typing
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -150,7 +151,8 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
         if fields is None or part not in fields:
             continue
         ann = fields[part].annotation
-        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        options = typing.get_args(ann) or (ann,)  # `Tune | None` -> Tune
+        current = next((a for a in options if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if current is None:
             return []
     return list(getattr(current, "model_fields", {}))
@@ -250,7 +252,8 @@ def load_suite(path: str | Path) -> Suite:
             except (ValueError, TypeError) as exc:
                 message = f"{loss.label()} with {num_classes} classes: {exc}"
                 raise SuiteError(f"{path}: losses: {message}") from None
-    _check_baseline(path, model.eval.baseline, losses)
+    if "baseline" in model.eval.model_fields_set:  # the default (softmax) may be absent: then no comparisons
+        _check_baseline(path, model.eval.baseline, losses)
     train, evaluation = model.train.model_dump(), model.eval.model_dump(exclude=NOT_HASHED_EVAL)
     runs = [
         RunSpec(loss=loss, dataset=ds, model=m, train=train, eval=evaluation, seed=seed)

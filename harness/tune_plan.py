@@ -192,10 +192,15 @@ def build_plan(path: Path, model: "SuiteModel", entries: list[tuple[int, Compone
 
 
 def grid_points(dims: list[Dim], budget: int) -> dict[str, list[Any]]:
-    """The grid sampler's values per dimension: ranges get ceil(budget^(1/#ranges)) points each."""
+    """The grid sampler's values per dimension: each range gets the fewest points (at least 2, the same
+    number for every range) that make the grid at least `budget` points; choices keep their values."""
     ranges = [d for d in dims if not isinstance(d.space, spaces.Choice)]
+    choices = 1
+    for d in dims:
+        if isinstance(d.space, spaces.Choice):
+            choices *= len(d.space.values)
     n = 2
-    while ranges and n ** len(ranges) < budget:
+    while ranges and n ** len(ranges) * choices < budget:
         n += 1
     return {d.name: d.space.grid(n, d.integer) for d in dims}
 
