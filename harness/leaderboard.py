@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -72,22 +73,28 @@ class Board:
     seeds: dict[str, list[int]] = field(default_factory=dict)  # complete rows: the seed of each value
 
 
-def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict) -> list[Board]:
-    """Group the suite's expected runs into leaderboards; cells of incomplete rows are '—'."""
+def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict,
+          row_label: Callable[[RunSpec], str] | None = None, info: dict[str, dict[str, str]] | None = None,
+          ) -> list[Board]:
+    """Group the suite's expected runs into leaderboards; cells of incomplete rows are '—'.
+
+    `row_label` names a run's row (default: the loss variant); `info` adds text columns to rows
+    by label (a tuned suite's chosen hyperparameters and trial count).
+    """
     cols = columns(eval_cfg)
     primary = next(c for c in cols if c.key == eval_cfg["primary"])
     groups: dict[tuple[str, str], dict[str, list[RunSpec]]] = defaultdict(lambda: defaultdict(list))
     datasets, models = [s.dataset for s in runs], [s.model for s in runs]
     for spec in runs:
         key = (varying_label(spec.dataset, datasets), varying_label(spec.model, models))
-        groups[key][variant_label(LOSSES, spec.loss)].append(spec)
+        groups[key][row_label(spec) if row_label else variant_label(LOSSES, spec.loss)].append(spec)
     boards = []
     for (ds, model), by_loss in groups.items():
         rows, notes, curves, values, seeds = [], [], {}, {}, {}
         for label, specs in by_loss.items():
             recs = [records.get(s.run_id) for s in specs]
             done = [r for r in recs if r is not None and r["status"] == "done"]
-            row = {"loss": label, "n": f"{len(done)}/{len(specs)}"}
+            row = {"loss": label, **(info or {}).get(label, {}), "n": f"{len(done)}/{len(specs)}"}
             complete = len(done) == len(specs)
             if complete:
                 seeds[label] = [s.seed for s in specs]

@@ -11,12 +11,9 @@ from harness.spec import RunSpec
 from harness.store import RunStore
 from harness.suite import Suite
 from harness.tune import Tuner, replay, tune
+from harness.tune_report import format_values
 
 log = logging.getLogger("topk_bench")
-
-
-def format_values(values: dict) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()) or "—"
 
 
 def plan_rows(suite: Suite, store: RunStore, tuners: list[Tuner]) -> tuple[list[list], list[list]]:
@@ -95,7 +92,7 @@ def run(args: argparse.Namespace, suite: Suite, store: RunStore) -> int:
 
     load = (lambda run_id: None if args.force and run_id not in forced else store.load(run_id))
     tuners = tune(suite.tune, load, execute)
-    report = write_report(suite, store)
+    report = write_report(suite, store, tuners)
     finals = [s for t in tuners for s in t.finals()]
     not_done = [s for s in finals if store.status(s.run_id) != "done"]
     unselected = [t.group.label for t in tuners if t.best() is None]

@@ -147,3 +147,29 @@ def test_suite_space_overrides_and_when(write_suite):
         name="t.yaml")).tune
     names = [[d.name for d in g.dims] for g in transition.groups[:3]]
     assert names == [["start", "end", "lr"], ["lambda_value", "lr"], ["adaptive_target", "lr"]]
+
+
+def test_tuned_leaderboard_one_row_per_loss_at_its_selection(write_suite, tmp_path):
+    from harness import tune_report
+
+    plan = _plan(write_suite)
+    runs = FakeRuns()
+    tuners = tune(plan, runs.load, runs.execute)
+    eval_cfg = tuners[0].group.base.eval
+    (board,), notes = tune_report.boards(plan, tuners, runs.records, eval_cfg)
+    assert notes == [] and len(board.table) == 3
+    table = board.table.set_index("loss")
+    for tuner in tuners:
+        row = table.loc[tuner.group.label]
+        assert row["chosen (validation)"] == tune_report.format_values(tuner.best().values)
+        assert row["trials"] == "6" and row["n"] == "3/3"
+        tests = [runs.records[s.run_id]["metrics"]["test"]["best_val"]["top2"] * 100 for s in tuner.finals()]
+        assert row["top-2 % ↑"] == f"{np.mean(tests):.2f} ± {np.std(tests, ddof=1):.2f}"
+        assert board.seeds[tuner.group.label] == [0, 1, 2]  # paired comparisons downstream
+    history = tmp_path / "h.png"
+    assert tune_report.plot_history(tuners, plan, history, "t") and history.stat().st_size > 0
+    partial = FakeRuns(stop_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        tune(plan, partial.load, partial.execute)
+    boards, notes = tune_report.boards(plan, replay(plan, partial.load, retry=False), partial.records, eval_cfg)
+    assert boards == [] and len(notes) == 3 and "2/6 trials done" in notes[0]
