@@ -44,6 +44,10 @@ def _plan(suite: Suite, store: RunStore) -> list[tuple]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     suite, store = _suite_and_store(args)
+    if suite.tune is not None:  # trials and selected configurations (harness/tune_cli.py)
+        from harness import tune_cli
+
+        return tune_cli.dry_run(suite, store)
     plan = _plan(suite, store)
     print(tabulate(plan, headers=["run_id", "loss", "dataset", "model", "seed", "status"], tablefmt="simple"))
     print("\n" + ", ".join(f"{n} {s}" for s, n in Counter(p[-1] for p in plan).most_common()))

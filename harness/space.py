@@ -46,7 +46,8 @@ class _Range:
         """Ask an Optuna trial for a value of this range."""
         if integer:
             return trial.suggest_int(name, math.ceil(self.low), math.floor(self.high), log=self.log)
-        return round_sig(trial.suggest_float(name, float(self.low), float(self.high), log=self.log))
+        value = round_sig(trial.suggest_float(name, float(self.low), float(self.high), log=self.log))
+        return min(max(value, float(self.low)), float(self.high))  # rounding never leaves the range
 
     def grid(self, n: int, integer: bool) -> list[Any]:
         """`n` evenly spaced points (geometrically for Log), for the grid sampler."""

@@ -186,7 +186,8 @@ def build_plan(path: Path, model: "SuiteModel", entries: list[tuple[int, Compone
                     if size < tune.budget:
                         raise SuiteError(f"{path}: tune.budget: {tune.budget} trials but the grid of "
                                          f"losses[{index}] ({comp.label()}) has only {size} points")
-                groups.append(Group(_label(comp), base, dims, int(digest[:8], 16), dict(user_params)))
+                label = _label(comp, [c for _, c in entries])
+                groups.append(Group(label, base, dims, int(digest[:8], 16), dict(user_params)))
     return TunePlan(tune.budget, tune.sampler, list(tune.seeds or model.seeds[:1]), list(model.seeds), metric,
                     direction, "best" if model.eval.select == "best_val" else "last", groups)
 
@@ -212,7 +213,11 @@ def _grid_size(dims: list[Dim], budget: int) -> int:
     return size
 
 
-def _label(comp: Component) -> str:
-    from harness.leaderboard import variant_label  # leaderboard does not import this module
-
-    return variant_label(LOSSES, comp)
+def _label(comp: Component, comps: list[Component]) -> str:
+    """`name[p=v,…]` with the fixed parameters that differ from the defaults or between rows of this loss
+    (so every difftopk row names its sorter, the default one included)."""
+    defaults = {k: p.default for k, p in LOSSES.get(comp.name).params.items()}
+    same = [c for c in comps if c.name == comp.name]
+    show = tuple(k for k, v in comp.params.items()
+                 if defaults.get(k, object()) != v or len({repr(c.params.get(k)) for c in same}) > 1)
+    return comp.label(show=show)

@@ -38,7 +38,7 @@ TOP1_MODES = ("sort", "sm", "smce")
                                      doc="steepness / 1/tau / 1/eps; None = 1.0 (sinkhorn: 1/n)"),
         "distribution": Param(str, "logistic_phi", choices=DISTRIBUTIONS, doc="sorting-network relaxation"),
         "art_lambda": Param(float, 0.5, ge=0.0, doc="ART exponent λ of logistic_phi",
-                            search=Linear(0.1, 1.0, when={"distribution": "logistic_phi"})),
+                            search=Linear(0.1, 1.0, when={"distribution": "logistic_phi", "sorter": NETWORKS})),
         "sinkhorn_iterations": Param(int, 50, ge=1, doc="max Sinkhorn sweeps"),
         "sinkhorn_tolerance": Param(float, 1e-4, ge=0.0, doc="Sinkhorn marginal tolerance (0 = run all sweeps)"),
     },
