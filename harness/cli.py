@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from harness.errors import UserError
+from harness.errors import ResultsError, UserError
 from harness.registry import DATASETS, LOSSES, MODELS
 from harness.store import RunStore, collect, default_results_dir
 from harness.suite import Suite, load_suite
@@ -37,8 +37,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_status(store: RunStore, run_id: str) -> str:
+    """A run's record status, or `running (host pid …)` while a live runner holds its claim."""
+    from harness.claims import Claims
+
+    status = store.status(run_id)
+    holder = None if status == "done" else Claims(store.claims_dir).holder(run_id)
+    return f"running ({holder.host} pid {holder.pid})" if holder else status
+
+
 def _plan(suite: Suite, store: RunStore) -> list[tuple]:
-    return [(s.run_id, s.loss.label(), s.dataset.name, s.model.name, s.seed, store.status(s.run_id))
+    return [(s.run_id, s.loss.label(), s.dataset.name, s.model.name, s.seed, _run_status(store, s.run_id))
             for s in suite.runs]
 
 
@@ -76,32 +85,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     resources = suite.model.resources
     device = args.device or resources.device
     executor = args.executor or resources.executor
+    store.check_writable()
+    store.sweep_temp_files()
     todo = [s for s in suite.runs if args.force or store.status(s.run_id) != "done"]
     skipped = len(suite.runs) - len(todo)
     if args.force:
         for spec in todo:
-            (store.checkpoints_dir / f"{spec.run_id}.pt").unlink(missing_ok=True)
-    log.info("suite %s: %d runs, %d to compute, %d already done", suite.name, len(suite.runs), len(todo), skipped)
+            for ckpt in store.checkpoints_dir.glob(f"{spec.run_id}.*"):
+                ckpt.unlink(missing_ok=True)
+    log.info("suite %s: %d runs, %d to compute, %d already done; results in %s", suite.name, len(suite.runs),
+             len(todo), skipped, store.results_root)
     bar = _progress(len(todo))
     outcomes: Counter = Counter()
-    for i, result in enumerate(EXECUTORS[executor](
-        todo, store.root.parent, suite.name, device, resources.timeout_min,
-        workers=args.workers or resources.workers, slurm=resources.slurm,
-    )):
-        outcomes[result["status"]] += 1
+    results = EXECUTORS[executor](
+        todo, store.results_root, suite.name, device, resources.timeout_min,
+        workers=args.workers or resources.workers, slurm=resources.slurm, force=args.force,
+    )
+    try:
+        for i, result in enumerate(results):
+            status = result["status"] if result.get("computed", True) or result["status"] == "claimed" else "skipped"
+            outcomes[status] += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(outcomes)
+            else:
+                log.info("[%d/%d] %s %s%s", i + 1, len(todo), result["run_id"], status,
+                         f" ({result['error']})" if result.get("error") else "")
+    finally:
+        results.close()
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(outcomes)
-        else:
-            log.info("[%d/%d] %s %s%s", i + 1, len(todo), result["run_id"], result["status"],
-                     f" ({result['error']})" if result.get("error") else "")
-    if bar is not None:
-        bar.close()
+            bar.close()
     report = write_report(suite, store)
-    failed = sum(n for s, n in outcomes.items() if s != "done")
-    print(f"{suite.name}: {outcomes.get('done', 0)} done, {failed} not done "
-          f"({', '.join(f'{n} {s}' for s, n in outcomes.items() if s != 'done') or 'none'}), "
-          f"{skipped} skipped (already done). Report: {report}")
+    failed = sum(n for s, n in outcomes.items() if s not in ("done", "claimed", "skipped"))
+    elsewhere = outcomes.get("claimed", 0)
+    skipped += outcomes.get("skipped", 0)
+    not_done = ", ".join(f"{n} {s}" for s, n in outcomes.items() if s not in ("done", "claimed", "skipped"))
+    print(f"{suite.name}: {outcomes.get('done', 0)} done, {failed} not done ({not_done or 'none'}), "
+          f"{skipped} skipped (already done), {elsewhere} being computed by another runner. Report: {report}")
     return 1 if failed else 0
 
 
@@ -109,6 +129,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import write_report
 
     suite, store = _suite_and_store(args)
+    if not store.records_for([s.run_id for s in suite.runs]):
+        raise ResultsError(f"report: no records of suite '{suite.name}' under {store.results_root} "
+                           "(run it first: topk-bench run SUITE)")
     print(f"Report: {write_report(suite, store)}")
     return 0
 

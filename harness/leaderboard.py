@@ -37,6 +37,7 @@ class Column:
     path: tuple[str, ...]
     digits: int = 2
     scale: float = 1.0
+    reliable_path: tuple[str, ...] | None = None  # a bool per record: False marks the cell unreliable
 
 
 def columns(eval_cfg: dict) -> list[Column]:
@@ -44,8 +45,10 @@ def columns(eval_cfg: dict) -> list[Column]:
     cols = [Column(f"top{k}", f"top-{k} % ↑", True, ("metrics", "test", sel, f"top{k}"), 2, 100.0)
             for k in eval_cfg["k"]]
     cols.append(Column("k99", "k@99 % ↓", False, ("metrics", "test", sel, "k99"), 1))
-    cols.append(Column("step_ms", "step ms ↓", False, ("timings", "median_step_ms"), 2))
-    cols.append(Column("loss_vs_ce", "loss/CE time ↓", False, ("timings", "loss_vs_ce"), 2))
+    cols.append(Column("step_ms", "step ms ↓", False, ("timings", "median_step_ms"), 2,
+                       reliable_path=("timings", "step_reliable")))
+    cols.append(Column("loss_vs_ce", "loss/CE time ↓", False, ("timings", "loss_vs_ce"), 2,
+                       reliable_path=("timings", "loss_vs_ce_reliable")))
     return cols
 
 
@@ -58,6 +61,11 @@ def _get(record: dict, path: tuple[str, ...]) -> float | None:
     return float(cur) if isinstance(cur, (int, float)) else None
 
 
+UNRELIABLE = "†"
+UNRELIABLE_NOTE = (f"{UNRELIABLE} timing unreliable on at least one seed (spread of repeated measurements too "
+                   "large, or too few samples): read it as a rough figure")
+
+
 @dataclass
 class Board:
     """One leaderboard table plus its footnotes."""
@@ -66,6 +74,7 @@ class Board:
     model: str
     table: pd.DataFrame
     footnotes: list[str] = field(default_factory=list)
+    numbers: pd.DataFrame = field(default_factory=pd.DataFrame)  # tidy: mean, std, n per metric
     curves: dict[str, np.ndarray] = field(default_factory=dict)  # loss label -> mean test top-k curve
     # complete rows only: loss label -> column key -> the per-seed values (scaled as displayed)
     values: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
@@ -90,11 +99,13 @@ def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict,
         groups[key][row_label(spec) if row_label else variant_label(LOSSES, spec.loss)].append(spec)
     boards = []
     for (ds, model), by_loss in groups.items():
-        rows, notes, curves, values, seeds = [], [], {}, {}, {}
+        rows, notes, curves, values, numbers, seeds = [], [], {}, {}, [], {}
         for label, specs in by_loss.items():
             recs = [records.get(s.run_id) for s in specs]
             done = [r for r in recs if r is not None and r["status"] == "done"]
             row = {"loss": label, **(info or {}).get(label, {}), "n": f"{len(done)}/{len(specs)}"}
+            tidy: dict = {"loss": label, **(info or {}).get(label, {}), "seeds_done": len(done),
+                          "seeds_expected": len(specs)}
             complete = len(done) == len(specs)
             if complete:
                 seeds[label] = [s.seed for s in specs]
@@ -109,15 +120,23 @@ def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict,
                 if not complete or any(v is None for v in seed_values):
                     row[col.title] = "—"
                     row[f"_{col.key}"] = np.nan
+                    tidy.update({f"{col.key}_mean": np.nan, f"{col.key}_std": np.nan, f"{col.key}_n": 0})
                     continue
                 arr = np.array(seed_values) * col.scale
                 values.setdefault(label, {})[col.key] = arr
                 std = arr.std(ddof=1) if len(arr) > 1 else 0.0
-                row[col.title] = f"{arr.mean():.{col.digits}f} ± {std:.{col.digits}f}"
+                shaky = col.reliable_path is not None and any(_get(r, col.reliable_path) == 0 for r in done)
+                row[col.title] = f"{arr.mean():.{col.digits}f} ± {std:.{col.digits}f}" + (UNRELIABLE if shaky else "")
                 row[f"_{col.key}"] = arr.mean()
+                tidy.update({f"{col.key}_mean": arr.mean(), f"{col.key}_std": std, f"{col.key}_n": len(arr)})
+                if col.reliable_path is not None:
+                    tidy[f"{col.key}_reliable"] = not shaky
+                if shaky and UNRELIABLE_NOTE not in notes:
+                    notes.append(UNRELIABLE_NOTE)
             if complete and all(r.get("metrics", {}).get("curve_test_last") for r in done):
                 curves[label] = np.mean([r["metrics"]["curve_test_last"] for r in done], axis=0)
             rows.append(row)
+            numbers.append(tidy)
         table = pd.DataFrame(rows)
         score = table[f"_{primary.key}"]
         table.insert(0, "rank", score.rank(ascending=not primary.higher_is_better, method="min"))
@@ -125,6 +144,9 @@ def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict,
         table = table.assign(_sort=score if primary.higher_is_better else -score)
         table = table.sort_values("_sort", ascending=False, na_position="last")
         hidden = [c for c in table.columns if c.startswith("_")]
-        boards.append(Board(ds, model, table.drop(columns=hidden).reset_index(drop=True), notes, curves, values, cols,
-                            seeds))
+        order = {label: i for i, label in enumerate(table["loss"])}
+        tidy_table = pd.DataFrame(numbers).sort_values("loss", key=lambda c: c.map(order)).reset_index(drop=True)
+        tidy_table.insert(0, "rank", pd.to_numeric(table["rank"].reset_index(drop=True), errors="coerce"))
+        boards.append(Board(ds, model, table.drop(columns=hidden).reset_index(drop=True), notes, tidy_table,
+                            curves, values, cols, seeds))
     return boards

@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,30 +29,115 @@ def forward_backward(fn: Callable, scores: torch.Tensor, labels: torch.Tensor) -
     fn(scores, labels).backward()
 
 
-def time_interleaved(fns: list[Callable], inputs: list[tuple], device: torch.device, repeats: int,
-                     warmup: int) -> list[float]:
-    """Median ms of a forward+backward pass of each fn, timed in interleaved rounds.
+UNRELIABLE_SPREAD = 0.5  # interquartile range / median above which a timing is flagged unreliable
+MIN_SAMPLES = 5
 
-    Each round times every fn once, in a freshly shuffled order (fixed seed), so slow drifts of the
-    machine (frequency, other load) and the cache state left by the previous pass hit all of them
-    alike and the ratios to the cross-entropy row stay honest.
+
+@dataclass(frozen=True)
+class TimingStats:
+    """Median and quartiles of repeated timings (ms), and whether they are stable enough to print."""
+
+    median_ms: float
+    q25_ms: float
+    q75_ms: float
+    samples: int
+    reliable: bool
+    note: str = ""
+
+    @classmethod
+    def from_seconds(cls, seconds: list[float], max_spread: float = UNRELIABLE_SPREAD,
+                     min_samples: int = MIN_SAMPLES) -> "TimingStats":
+        if not seconds:
+            return cls(0.0, 0.0, 0.0, 0, False, "no samples")
+        ms = sorted(t * 1e3 for t in seconds)
+        q25, med, q75 = (statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3)
+        spread = (q75 - q25) / med if med > 0 else float("inf")
+        notes = []
+        if len(ms) < min_samples:
+            notes.append(f"only {len(ms)} samples")
+        if spread > max_spread:
+            notes.append(f"spread (IQR/median) {spread:.2f} > {max_spread}")
+        return cls(med, q25, q75, len(ms), not notes, "; ".join(notes))
+
+    @property
+    def spread(self) -> float:
+        return (self.q75_ms - self.q25_ms) / self.median_ms if self.median_ms > 0 else float("inf")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def time_interleaved_stats(fns: list[Callable], inputs: list[tuple], device: torch.device, repeats: int = 10,
+                           warmup: int = 3, min_seconds: float = 0.0, max_repeats: int = 1000,
+                           clock: Callable[[], float] = time.perf_counter) -> list[TimingStats]:
+    """Timing statistics of a forward+backward pass of each fn, measured in interleaved rounds.
+
+    Each fn is first warmed up (`warmup` passes). Then each round times every fn once, in a freshly
+    shuffled order (fixed seed), so slow drifts of the machine (frequency, other load) and the cache
+    state left by the previous pass hit all of them alike and the ratios stay honest. Rounds go on
+    until there are `repeats` of them and the timed passes add up to `min_seconds` (at most
+    `max_repeats` rounds). `clock` is injectable so tests can feed a noisy one.
     """
     times: list[list[float]] = [[] for _ in fns]
     order = list(range(len(fns)))
     shuffle = random.Random(0).shuffle
+    total = 0.0
     with contextlib.redirect_stdout(io.StringIO()):
         for fn, (scores, labels) in zip(fns, inputs):
             for _ in range(warmup):
                 forward_backward(fn, scores, labels)
-        for _ in range(repeats):
+        rounds = 0
+        while rounds < repeats or (total < min_seconds and rounds < max_repeats):
             shuffle(order)
             for i in order:
                 synchronize(device)
-                start = time.perf_counter()
+                start = clock()
                 forward_backward(fns[i], *inputs[i])
                 synchronize(device)
-                times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) * 1e3 for t in times]
+                elapsed = clock() - start
+                times[i].append(elapsed)
+                total += elapsed
+            rounds += 1
+    return [TimingStats.from_seconds(t) for t in times]
+
+
+def time_interleaved(fns: list[Callable], inputs: list[tuple], device: torch.device, repeats: int,
+                     warmup: int) -> list[float]:
+    """Median ms of each fn's forward+backward pass (see `time_interleaved_stats`)."""
+    return [s.median_ms for s in time_interleaved_stats(fns, inputs, device, repeats, warmup)]
+
+
+class StepTimer:
+    """Per-step wall times of a training loop: CUDA events on GPU (no sync per step), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.device, self.clock = device, clock
+        self.seconds: list[float] = []
+        self._pending: list[tuple] = []
+        self._start: object = None
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()  # type: ignore[attr-defined]
+        else:
+            self._start = self.clock()
+
+    def stop(self) -> None:
+        if self.device.type == "cuda":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pending.append((self._start, end))
+        else:
+            self.seconds.append(self.clock() - self._start)  # type: ignore[operator]
+
+    def collect(self) -> list[float]:
+        """All step times so far, in seconds (synchronises CUDA once)."""
+        if self._pending:
+            synchronize(self.device)
+            self.seconds += [a.elapsed_time(b) / 1e3 for a, b in self._pending]
+            self._pending.clear()
+        return self.seconds
 
 
 def status_kb(field: str) -> int:

@@ -63,13 +63,36 @@ def _setup_line(suite: Suite) -> str:
             f"lr {lr}, schedule {train['schedule']['name']} · seeds {suite.model.seeds}")
 
 
+def _pool_name(store: RunStore) -> str:
+    try:
+        return str(store.runs_dir.resolve().relative_to(store.root.resolve().parent.parent))
+    except ValueError:
+        return str(store.runs_dir)
+
+
+def _data_lines(records: list[dict]) -> list[str]:
+    """Split sizes and class counts as the runs saw them (one line per distinct data setup)."""
+    seen: dict[str, int] = {}
+    for r in records:
+        info = r.get("data_info") or {}
+        sizes = [f"{split} {info[f'{split}_size']}" for split in ("train", "val", "test") if f"{split}_size" in info]
+        if not sizes:
+            continue
+        classes = info.get("num_classes")
+        text = ", ".join(sizes) + (f" samples; {classes} classes" if classes is not None else " samples")
+        for key in ("val_holdout_used", "flipped_labels"):
+            if info.get(key):
+                text += f"; {key.replace('_', ' ')} {info[key]}"
+        seen[text] = seen.get(text, 0) + 1
+    return [f"- splits: {text} ({n} runs)" for text, n in seen.items()]
+
+
 def write_report(suite: Suite, store: RunStore, tuners: list | None = None) -> Path:
     """Write `<results>/<suite>/report.md`, leaderboard CSVs and plots; return the report path.
 
     A tuned suite's tables show the selected configurations (`tuners`: harness.tune's result, else
     replayed from the records).
     """
-    by_id = {r["run_id"]: r for r in store.records()}
     eval_cfg = suite.runs[0].eval
     plots = store.root / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -79,10 +102,11 @@ def write_report(suite: Suite, store: RunStore, tuners: list | None = None) -> P
         from harness.tune import replay
 
         tuners = tuners if tuners is not None else replay(suite.tune, store.load, retry=False)
-        boards, tune_notes = tune_report.boards(suite.tune, tuners, by_id, eval_cfg)
         shown = [s for t in tuners for s in t.finals()]
         trial_specs = [s for t in tuners for trial in t.trials for s in trial.specs]
-        expected = {s.run_id for s in shown + trial_specs}
+        expected = list(dict.fromkeys(s.run_id for s in shown + trial_specs))
+        by_id = store.records_for(expected)
+        boards, tune_notes = tune_report.boards(suite.tune, tuners, by_id, eval_cfg)
         tune_lines = tune_report.header(suite.tune, tuners) + [f"- ⚠ {note}" for note in tune_notes]
         trials = tune_report.trials_table(tuners)
         if not trials.empty:
@@ -90,11 +114,13 @@ def write_report(suite: Suite, store: RunStore, tuners: list | None = None) -> P
             tune_lines.append("- every trial (hyperparameters, validation score, run ids): `trials.csv`")
     else:
         shown = suite.runs
-        expected = {s.run_id for s in suite.runs}
+        expected = list(dict.fromkeys(s.run_id for s in suite.runs))
+        by_id = store.records_for(expected)
         boards = leaderboard.build(suite.runs, by_id, eval_cfg)
+    ignored = {run_id: why for run_id, why in store.problems().items() if run_id in set(expected)}
     records = [by_id[i] for i in expected if i in by_id]
     counts = Counter(r["status"] for r in records)
-    missing = len(expected) - len(records)
+    missing = len(expected) - len(records) - len(ignored)
     lines = [
         f"# Report: {suite.name}",
         "",
@@ -104,9 +130,10 @@ def write_report(suite: Suite, store: RunStore, tuners: list | None = None) -> P
         f"- runs: {len(expected)} expected — {counts.get('done', 0)} done, "
         + ", ".join(f"{counts[s]} {s}" for s in ("failed", "nan", "oom", "timeout") if counts.get(s))
         + (", " if any(counts.get(s) for s in ("failed", "nan", "oom", "timeout")) else "")
-        + f"{missing} missing",
+        + f"{missing} missing" + (f", {len(ignored)} with an invalid record file (ignored)" if ignored else ""),
         f"- environment: {_environment_line(records)}",
         f"- data: {_setup_line(suite)}",
+        *_data_lines(records),
         f"- metrics: test split, model selected by `{eval_cfg['select']}` (per metric); "
         f"ranked by `{eval_cfg['primary']}`; mean ± std over seeds (sample std); "
         "ties in scores count against the true label",
@@ -115,7 +142,7 @@ def write_report(suite: Suite, store: RunStore, tuners: list | None = None) -> P
     ]
     for board in boards:
         slug = _slug(f"{board.dataset}-{board.model}")
-        board.table.to_csv(store.root / f"leaderboard-{slug}.csv", index=False)
+        board.numbers.to_csv(store.root / f"leaderboard-{slug}.csv", index=False)
         lines += [f"## {board.dataset} · {board.model}", "",
                   tabulate(board.table, headers="keys", tablefmt="github", showindex=False), ""]
         lines += [f"- ⚠ {note}" for note in board.footnotes]
@@ -140,11 +167,19 @@ def write_report(suite: Suite, store: RunStore, tuners: list | None = None) -> P
                   f"**{r['status']}** — {(r.get('error') or '').splitlines()[0] if r.get('error') else ''}"
                   for r in failed]
         lines.append("")
-    lines += ["## Run records", "", "Every number above comes from these files in `runs/`:", ""]
+    if ignored:
+        lines += ["## Record files ignored", "",
+                  "These files in the run pool failed validation; their runs count as missing and are "
+                  "recomputed by the next `topk-bench run`:", ""]
+        lines += [f"- `runs/{run_id}.json`: {why}" for run_id, why in sorted(ignored.items())]
+        lines.append("")
+    lines += ["## Run records", "",
+              f"Every number above comes from these files in `{_pool_name(store)}/` (one pool per results root):", ""]
     if suite.tune is not None:
         lines += ["(selected configurations on every seed; the trials are listed in `trials.csv`)", ""]
     for spec in shown:
-        status = by_id[spec.run_id]["status"] if spec.run_id in by_id else "missing"
+        status = by_id[spec.run_id]["status"] if spec.run_id in by_id else (
+            "invalid record (ignored)" if spec.run_id in ignored else "missing")
         lines.append(f"- `{spec.run_id}` {variant_label(LOSSES, spec.loss)} · seed {spec.seed} · {status}")
     path = store.root / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -17,11 +19,16 @@ import torch.nn.functional as F
 from harness import measure
 from harness.data.base import DataBundle, Split
 from harness.metrics import summarize, true_label_rank
+from harness.record import SCHEMA_VERSION
 from harness.registry import DATASETS, LOSSES, MODELS, TrainingProgress
 from harness.spec import RunSpec
 from harness.store import RunStore
 
 log = logging.getLogger(__name__)
+
+
+WARMUP_STEPS = 5  # first steps of a run (compilation, allocator, caches) are not timed
+CPU_OOM_MESSAGES = ("can't allocate memory", "not enough memory", "DefaultCPUAllocator", "std::bad_alloc")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -100,6 +107,7 @@ class Trainer:
         self.scheduler = _scheduler(self.optimizer, self.cfg)
         self.forward = torch.compile(self.model) if self.cfg["compile"] else self.model
         self.history = History()
+        self.step_timer = measure.StepTimer(device)
         self.step = 0
         self.start_epoch = 0
         self.train_rank_hist = torch.zeros(n + 1, device=device)
@@ -156,10 +164,11 @@ class Trainer:
         train = self.splits["train"]
         steps_per_epoch = math.ceil(len(train) / self.cfg["batch_size"])
         wants_progress = hasattr(self.loss_fn, "on_progress")
-        total_loss, batches, last_scores = 0.0, 0, None
+        total_loss, batches, timing_batch = 0.0, 0, None
         measure.synchronize(self.device)
         start = time.perf_counter()
         for xb, yb in train.batches(self.cfg["batch_size"], self.device, self.generator):
+            self.step_timer.start()
             if self.data.train_transform is not None:
                 xb = self.data.train_transform(xb, self.generator)
             if self.cfg["channels_last"] and xb.dim() == 4:
@@ -183,14 +192,18 @@ class Trainer:
             total_loss += loss.detach()
             batches += 1
             self.step += 1
-            last_scores = (scores.detach(), yb)
+            self.step_timer.stop()
+            if timing_batch is None:  # a full batch (the last one may be a small remainder)
+                timing_batch = (scores.detach(), yb)
+            if time.monotonic() > self.deadline:
+                raise RunTimeout(f"time budget exhausted at epoch {epoch}, step {self.step}")
         if self.scheduler:
             self.scheduler.step()
         measure.synchronize(self.device)
         seconds = time.perf_counter() - start
         if wants_progress:  # running accuracy restarts each epoch
             self.train_rank_hist.zero_()
-        return float(total_loss) / max(1, batches), seconds, last_scores
+        return float(total_loss) / max(1, batches), seconds, timing_batch
 
     def _evaluate(self) -> tuple[dict, dict]:
         n, ks = self.data.num_classes, self.spec.eval["k"]
@@ -204,9 +217,9 @@ class Trainer:
         return out, curves
 
     def fit(self) -> tuple[dict, torch.Tensor | None]:
-        last_batch = None
+        timing_batch = None
         for epoch in range(self.start_epoch, self.cfg["epochs"]):
-            train_loss, seconds, last_batch = self._train_epoch(epoch)
+            train_loss, seconds, timing_batch = self._train_epoch(epoch)
             metrics, curves = self._evaluate()
             steps = math.ceil(len(self.splits["train"]) / self.cfg["batch_size"])
             self.history.epochs.append({"epoch": epoch, "train_loss": train_loss, "epoch_seconds": seconds,
@@ -215,9 +228,9 @@ class Trainer:
             log.debug("%s epoch %d loss %.4f val top1 %.4f", self.spec.run_id, epoch, train_loss,
                      metrics["val"].get("top1", float("nan")))
             self._save_checkpoint(epoch)
-            if time.monotonic() > self.deadline and epoch + 1 < self.cfg["epochs"]:
-                raise RunTimeout(f"time budget exhausted after epoch {epoch}")
-        return self._selected_metrics(), last_batch
+            if time.monotonic() > self.deadline:
+                raise RunTimeout(f"time budget exhausted after epoch {epoch} (evaluation included)")
+        return self._selected_metrics(), timing_batch
 
     def _selected_metrics(self) -> dict:
         """Test metrics at the last epoch and at the best validation epoch of each metric."""
@@ -240,36 +253,55 @@ class Trainer:
             "curve_test_best_val": self.history.curves[best_epoch[primary]]["test"],
         }
 
-    def loss_timing(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict:
-        """Loss forward+backward on real logits, side by side with F.cross_entropy."""
+    def timings(self, batch: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
+        """Step times (warm-up steps dropped) and the loss's fwd+bwd beside F.cross_entropy's."""
+        steps = self.step_timer.collect()
+        steps = steps[min(WARMUP_STEPS, len(steps) // 2):]
+        step = measure.TimingStats.from_seconds(steps)
+        epochs = [e["epoch_seconds"] for e in self.history.epochs]
+        out: dict = {"step": step.to_dict(), "median_step_ms": step.median_ms, "step_reliable": step.reliable,
+                     "median_epoch_s": float(np.median(epochs)) if epochs else 0.0}
+        if batch is None:
+            return out
         scores, labels = batch
         inputs = (scores.clone().requires_grad_(True), labels)
-        loss_ms, ce_ms = measure.time_interleaved([self.loss_fn, F.cross_entropy], [inputs, inputs], self.device,
-                                                  repeats=10, warmup=3)
-        return {"loss_fwd_bwd_ms": loss_ms, "ce_fwd_bwd_ms": ce_ms, "loss_vs_ce": loss_ms / ce_ms}
+        loss, ce = measure.time_interleaved_stats([self.loss_fn, F.cross_entropy], [inputs, inputs], self.device,
+                                                  repeats=15, warmup=5, min_seconds=0.2, max_repeats=500)
+        out.update(loss_fwd_bwd=loss.to_dict(), ce_fwd_bwd=ce.to_dict(), loss_fwd_bwd_ms=loss.median_ms,
+                   ce_fwd_bwd_ms=ce.median_ms, loss_vs_ce=loss.median_ms / ce.median_ms if ce.median_ms else 0.0,
+                   loss_vs_ce_reliable=loss.reliable and ce.reliable and ce.median_ms > 0)
+        return out
+
+
+def _is_oom(exc: BaseException) -> bool:
+    """An allocation failure on any device (CUDA's own error, or the CPU allocator's)."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(s in text for s in CPU_OOM_MESSAGES)
+
+
+def new_record(spec: RunSpec, status: str = "failed", error: str | None = None) -> dict:
+    """The fields every record has, before or without training (a front end's `timeout`, say)."""
+    return {"schema_version": SCHEMA_VERSION, "run_id": spec.run_id, "spec": spec.to_dict(), "status": status,
+            "error": error, "started": datetime.now(timezone.utc).isoformat(),
+            "computed_by": {"host": socket.gethostname(), "pid": os.getpid()}}
 
 
 def run_one(spec: RunSpec, store: RunStore, device: str = "auto", timeout_min: float = 60.0) -> dict:
     """Train one run and write its record (whatever happens); returns the record."""
     dev = measure.resolve_device(device)
     started = time.time()
-    record: dict = {
-        "run_id": spec.run_id, "spec": spec.to_dict(), "status": "failed", "error": None,
-        "started": datetime.now(timezone.utc).isoformat(), "environment": measure.environment(dev),
-    }
+    record = new_record(spec)
+    record["environment"] = measure.environment(dev)
     trainer = None
     try:
         measure.reset_peak_memory(dev)
         ckpt = store.checkpoints_dir / f"{spec.run_id}.pt" if spec.train["checkpoint"] else None
         trainer = Trainer(spec, dev, ckpt, time.monotonic() + timeout_min * 60)
-        metrics, last_batch = trainer.fit()
+        metrics, timing_batch = trainer.fit()
         record["metrics"] = metrics
-        history = trainer.history.epochs
-        record["timings"] = {
-            "median_step_ms": float(np.median([e["step_seconds"] for e in history]) * 1e3),
-            "median_epoch_s": float(np.median([e["epoch_seconds"] for e in history])),
-            **(trainer.loss_timing(last_batch) if last_batch is not None else {}),
-        }
+        record["timings"] = trainer.timings(timing_batch)
         record["status"] = "done"
         if ckpt is not None:
             ckpt.unlink(missing_ok=True)
@@ -277,12 +309,13 @@ def run_one(spec: RunSpec, store: RunStore, device: str = "auto", timeout_min: f
         record.update(status="nan", error=str(exc))
     except RunTimeout as exc:
         record.update(status="timeout", error=str(exc))
-    except torch.cuda.OutOfMemoryError as exc:
-        record.update(status="oom", error=str(exc).split("\n")[0])
     except Exception as exc:  # the suite goes on; the record says why
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
-                      traceback=traceback.format_exc(limit=8))
-        log.warning("run %s failed: %s: %s", spec.run_id, type(exc).__name__, exc)
+        if _is_oom(exc):
+            record.update(status="oom", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        else:
+            record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                          traceback=traceback.format_exc(limit=8))
+            log.warning("run %s failed: %s: %s", spec.run_id, type(exc).__name__, exc)
     if trainer is not None:
         record["curves"] = trainer.history.epochs
         record["resumed_from_epoch"] = trainer.resumed_from

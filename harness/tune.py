@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -144,9 +145,25 @@ class Tuner:
         return [self.group.spec(best.values, seed) for seed in self.plan.final_seeds]
 
 
-def tune(plan: TunePlan, load: Loader, execute: Callable[[list[RunSpec]], None]) -> list[Tuner]:
+Executor = Callable[[list[RunSpec]], "set[str] | None"]
+
+
+def _run(specs: list[RunSpec], execute: Executor, attempted: set[str], poll_s: float) -> None:
+    """Execute `specs`; those another runner holds (returned by `execute`) are waited for, never guessed."""
+    waiting = set(execute(specs) or ())
+    attempted.update(s.run_id for s in specs if s.run_id not in waiting)
+    if waiting:
+        log.info("%d runs are being computed by another runner; waiting %.0f s", len(waiting), poll_s)
+        time.sleep(poll_s)
+
+
+def tune(plan: TunePlan, load: Loader, execute: Executor, poll_s: float = 10.0) -> list[Tuner]:
     """Run the trials round by round (one pending trial per group per round, executed together),
-    then the selected configurations on every suite seed."""
+    then the selected configurations on every suite seed.
+
+    `execute(specs)` runs the specs and returns the ids of those claimed by another runner (their
+    records will appear later: the tuner waits and asks again rather than scoring them as failed).
+    """
     tuners = [Tuner(plan, g) for g in plan.groups]
     attempted: set[str] = set()
     while True:
@@ -158,14 +175,14 @@ def tune(plan: TunePlan, load: Loader, execute: Callable[[list[RunSpec]], None])
             break
         log.info("tuning: %d runs for %d pending trials", len(needed),
                  sum(1 for t in tuners if not t.complete))
-        execute(list(needed.values()))
-        attempted.update(needed)
-    finals = {s.run_id: s for t in tuners for s in t.finals()}
-    todo = [s for i, s in finals.items() if i not in attempted and (load(i) or {}).get("status") != "done"]
-    if todo:
+        _run(list(needed.values()), execute, attempted, poll_s)
+    while True:
+        finals = {s.run_id: s for t in tuners for s in t.finals()}
+        todo = [s for i, s in finals.items() if i not in attempted and (load(i) or {}).get("status") != "done"]
+        if not todo:
+            return tuners
         log.info("tuning done: %d runs of the selected configurations", len(todo))
-        execute(todo)
-    return tuners
+        _run(todo, execute, attempted, poll_s)
 
 
 class _Recorded:

@@ -75,20 +75,33 @@ def run(args: argparse.Namespace, suite: Suite, store: RunStore) -> int:
     resources = suite.model.resources
     device = args.device or resources.device
     executor = EXECUTORS[args.executor or resources.executor]
+    store.check_writable()
+    store.sweep_temp_files()
     outcomes: Counter = Counter()
     forced: set[str] = set()
 
-    def execute(specs: list[RunSpec]) -> None:
+    def execute(specs: list[RunSpec]) -> set[str]:
+        """Run the specs; return the ids another runner holds (the tuner waits for those)."""
         if args.force:  # recompute each run once per invocation
             specs = [s for s in specs if s.run_id not in forced]
             forced.update(s.run_id for s in specs)
             for spec in specs:
-                (store.checkpoints_dir / f"{spec.run_id}.pt").unlink(missing_ok=True)
-        for result in executor(specs, store.root.parent, suite.name, device, resources.timeout_min,
-                               workers=args.workers or resources.workers, slurm=resources.slurm):
-            outcomes[result["status"]] += 1
-            log.info("%s %s%s", result["run_id"], result["status"],
-                     f" ({result['error']})" if result.get("error") else "")
+                for ckpt in store.checkpoints_dir.glob(f"{spec.run_id}.*"):
+                    ckpt.unlink(missing_ok=True)
+        claimed = set()
+        results = executor(specs, store.results_root, suite.name, device, resources.timeout_min,
+                           workers=args.workers or resources.workers, slurm=resources.slurm, force=args.force)
+        try:
+            for result in results:
+                status = result["status"] if result.get("computed", True) or result["status"] == "claimed" \
+                    else "skipped"
+                outcomes[status] += 1
+                if status == "claimed":
+                    claimed.add(result["run_id"])
+                log.info("%s %s%s", result["run_id"], status, f" ({result['error']})" if result.get("error") else "")
+        finally:
+            results.close()
+        return claimed
 
     load = (lambda run_id: None if args.force and run_id not in forced else store.load(run_id))
     tuners = tune(suite.tune, load, execute)
@@ -96,7 +109,8 @@ def run(args: argparse.Namespace, suite: Suite, store: RunStore) -> int:
     finals = [s for t in tuners for s in t.finals()]
     not_done = [s for s in finals if store.status(s.run_id) != "done"]
     unselected = [t.group.label for t in tuners if t.best() is None]
-    print(f"{suite.name}: {sum(outcomes.values())} runs computed ({dict(outcomes) or 'none'}); "
+    computed = sum(n for s, n in outcomes.items() if s not in ("skipped", "claimed"))
+    print(f"{suite.name}: {computed} runs computed ({dict(outcomes) or 'none'}); "
           f"{len(finals) - len(not_done)}/{len(finals)} selected runs done"
           + (f"; no configuration selected for {', '.join(unselected)}" if unselected else "")
           + f". Report: {report}")

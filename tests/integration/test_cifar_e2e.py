@@ -44,5 +44,5 @@ resources: {{device: cpu, timeout_min: 5}}
 """)
     results = tmp_path / "results"
     assert cli.main(["run", str(suite), "--results-dir", str(results), "--device", "cpu"]) == 0
-    records = [json.loads(p.read_text()) for p in (results / "cifar-tiny" / "runs").glob("[!.]*.json")]
+    records = [json.loads(p.read_text()) for p in (results / "runs").glob("[!.]*.json")]
     assert len(records) == 1 and records[0]["status"] == "done", records

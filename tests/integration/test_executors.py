@@ -18,7 +18,7 @@ resources: {device: cpu, executor: EXECUTOR, workers: 2, slurm: {cluster: debug}
 
 
 def metrics(root):
-    return {p.stem: json.loads(p.read_text())["metrics"]["test"] for p in (root / "ex" / "runs").glob("*.json")}
+    return {p.stem: json.loads(p.read_text())["metrics"]["test"] for p in (root / "runs").glob("*.json")}
 
 
 def test_local_pool_and_submitit_match_inline(write_suite, tmp_path):

@@ -21,7 +21,7 @@ resources: {device: cpu}
 
 
 def only_record(root):
-    (path,) = list((root / "resume" / "runs").glob("*.json"))
+    (path,) = list((root / "runs").glob("*.json"))
     return json.loads(path.read_text())
 
 
@@ -44,8 +44,8 @@ def test_killed_run_resumes_to_identical_record(write_suite, tmp_path, monkeypat
         from harness.train import run_one
 
         run_one(load_suite(suite).runs[0], RunStore(tmp_path / "b", "resume"), "cpu")
-    assert not (tmp_path / "b" / "resume" / "runs").exists()  # no record for the killed run
-    assert list((tmp_path / "b" / "resume" / "checkpoints").glob("*.pt"))
+    assert not (tmp_path / "b" / "runs").exists()  # no record for the killed run
+    assert list((tmp_path / "b" / "checkpoints").glob("*.pt"))
     monkeypatch.setattr(Trainer, "_save_checkpoint", original)
 
     assert main(["run", str(suite), "--results-dir", str(tmp_path / "b")]) == 0
@@ -53,4 +53,4 @@ def test_killed_run_resumes_to_identical_record(write_suite, tmp_path, monkeypat
     assert resumed["resumed_from_epoch"] == 2
     assert resumed["metrics"] == uninterrupted["metrics"]
     assert [e["train_loss"] for e in resumed["curves"]] == [e["train_loss"] for e in uninterrupted["curves"]]
-    assert not list((tmp_path / "b" / "resume" / "checkpoints").glob("*.pt"))  # removed once done
+    assert not list((tmp_path / "b" / "checkpoints").glob("*.pt"))  # removed once done

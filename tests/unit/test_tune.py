@@ -173,3 +173,19 @@ def test_tuned_leaderboard_one_row_per_loss_at_its_selection(write_suite, tmp_pa
         tune(plan, partial.load, partial.execute)
     boards, notes = tune_report.boards(plan, replay(plan, partial.load, retry=False), partial.records, eval_cfg)
     assert boards == [] and len(notes) == 3 and "2/6 trials done" in notes[0]
+
+
+def test_runs_claimed_by_another_runner_are_waited_for_not_failed(write_suite):
+    full = FakeRuns()
+    expected = _summary(tune(_plan(write_suite), full.load, full.execute))
+    runs, held = FakeRuns(), {}
+
+    def execute(specs):
+        """The first time a run is asked for, another runner holds it (no record yet)."""
+        mine = [s for s in specs if s.run_id in held]
+        for s in specs:
+            held.setdefault(s.run_id, True)
+        runs.execute(mine)
+        return {s.run_id for s in specs if s not in mine}
+
+    assert _summary(tune(_plan(write_suite), runs.load, execute, poll_s=0.0)) == expected
