@@ -5,6 +5,9 @@ from typing import Any
 
 from harness.registry import (
     DATASETS,
+    Choice,
+    Linear,
+    Log,
     LOSSES,
     MODELS,
     Entry,
@@ -18,7 +21,7 @@ from harness.registry import (
 
 __version__ = "0.1.0"
 __all__ = [
-    "DATASETS", "LOSSES", "MODELS", "Entry", "Param", "RegistryError", "TrainingProgress",
+    "DATASETS", "LOSSES", "MODELS", "Choice", "Entry", "Linear", "Log", "Param", "RegistryError", "TrainingProgress",
     "build_loss", "list_losses", "register_dataset", "register_loss", "register_model",
 ]
 

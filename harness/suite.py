@@ -204,12 +204,12 @@ def _components(registry: Registry, named: Named, where: str) -> list[Component]
         raise SuiteError(str(exc)) from None
 
 
-def _check_baseline(path: Path, baseline: str, losses: list[Component]) -> None:
+def _check_baseline(path: Path, baseline: str, losses: list[Component], row_labels: list[str]) -> None:
     """`eval.baseline` names a loss of the suite, or one variant's label when the loss has several."""
     from harness.leaderboard import variant_label  # leaderboard imports nothing from here
 
     labels = [variant_label(LOSSES, c) for c in losses]
-    if baseline in labels:
+    if baseline in labels or baseline in row_labels:  # row_labels: a tuned suite's row names
         return
     variants = [label for c, label in zip(losses, labels) if c.name == baseline]
     if len(variants) == 1:
@@ -252,8 +252,6 @@ def load_suite(path: str | Path) -> Suite:
             except (ValueError, TypeError) as exc:
                 message = f"{loss.label()} with {num_classes} classes: {exc}"
                 raise SuiteError(f"{path}: losses: {message}") from None
-    if "baseline" in model.eval.model_fields_set:  # the default (softmax) may be absent: then no comparisons
-        _check_baseline(path, model.eval.baseline, losses)
     train, evaluation = model.train.model_dump(), model.eval.model_dump(exclude=NOT_HASHED_EVAL)
     runs = [
         RunSpec(loss=loss, dataset=ds, model=m, train=train, eval=evaluation, seed=seed)
@@ -270,4 +268,6 @@ def load_suite(path: str | Path) -> Suite:
         tuned = next((i for i, e in enumerate(model.losses) if isinstance(e, LossEntry) and e.tune), None)
         if tuned is not None:
             raise SuiteError(f"{path}: losses[{tuned}].tune: needs a top-level `tune:` block (budget, sampler, …)")
+    if "baseline" in model.eval.model_fields_set:  # the default (softmax) may be absent: then no comparisons
+        _check_baseline(path, model.eval.baseline, losses, [g.label for g in plan.groups] if plan else [])
     return Suite(path, model, runs, plan)
