@@ -49,12 +49,13 @@ class Group:
         """The run of this group at hyperparameters `values` (names of `dims`) on `seed`."""
         loss_params = dict(self.base.loss.params)
         train = {**self.base.train, "optimizer": dict(self.base.train["optimizer"])}
-        for dim in self.dims:
-            if dim.target == "loss":
-                loss_params[dim.name] = values[dim.name]
-            else:
-                train["optimizer"][dim.name] = values[dim.name]
         entry = LOSSES.get(self.base.loss.name)
+        for dim in self.dims:
+            if dim.target == "loss":  # check() types the value as the loss expects (a choice of 0 -> 0.0)
+                loss_params[dim.name] = entry.params[dim.name].check(dim.name, values[dim.name])
+            else:
+                value = values[dim.name]
+                train["optimizer"][dim.name] = float(value) if isinstance(value, int) else value
         identity = entry.identity_params(loss_params)
         loss = Component(self.base.loss.name, self.base.loss.version, loss_params,
                          None if identity == loss_params else identity)

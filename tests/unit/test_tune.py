@@ -189,3 +189,11 @@ def test_runs_claimed_by_another_runner_are_waited_for_not_failed(write_suite):
         return {s.run_id for s in specs if s not in mine}
 
     assert _summary(tune(_plan(write_suite), runs.load, execute, poll_s=0.0)) == expected
+
+
+def test_sampled_values_are_typed_like_the_parameter(write_suite):
+    plan = _plan(write_suite, **{"gamma: {choice: [0.0, 0.5, 1.0]}": "gamma: {choice: [0, 1]}",
+                                 "lr: {log: [1.0e-4, 1.0e-1]}": "lr: {choice: [1, 2]}"})
+    spec = plan.groups[2].spec({"gamma": 1, "lr": 1}, seed=0)
+    assert isinstance(spec.loss.params["gamma"], float) and isinstance(spec.train["optimizer"]["lr"], float)
+    assert spec.run_id == plan.groups[2].spec({"gamma": 1.0, "lr": 1.0}, seed=0).run_id
