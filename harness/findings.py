@@ -115,8 +115,12 @@ def _metric_line(board: Board, col: Column, base: str | None, comps: dict, setti
         if c.p_adj is not None and c.p_adj < settings.alpha and c.diff != 0:
             (better if sign * c.diff > 0 else worse).add(label)
             diffs.append((sign * c.diff, _describe(label, c, col.digits)))
+    if not mine:
+        return line + "; no other complete row to compare with", better, worse
     if not diffs:
-        return line + f"; no row differs from `{base}` beyond seed noise", better, worse
+        smallest = min((c.p_adj for c in mine.values() if c.p_adj is not None), default=1.0)
+        return (line + f"; no difference from `{base}` survives Holm's correction over the table "
+                f"(smallest adjusted p = {stats.format_p(smallest)})"), better, worse
     ups = [text for gain, text in sorted(diffs, reverse=True) if gain > 0]
     downs = [text for gain, text in sorted(diffs) if gain < 0]
     if ups:

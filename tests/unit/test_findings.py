@@ -57,6 +57,7 @@ def test_better_worse_and_trade_off_against_softmax():
     assert "`same`" not in text  # within seed noise: never listed
     assert "**trade-off**" in text and "`topk_loss`" in text.split("**trade-off**")[1]
     assert "p=0 " not in text and "p=0)" not in text
+    assert "**k@99 % ↓**" in text and "no difference from `softmax` survives Holm's correction" in text
     assert "Holm–Bonferroni" in lines[-1] and "6 comparisons" in lines[-1]  # 2 rows x (top1, top5, k99)
 
 
@@ -102,4 +103,4 @@ def test_unpaired_rows_use_welch():
 def test_incomplete_rows_are_not_compared():
     board = _board({"softmax": [(0.6, 0.9), (0.61, 0.91)], "broken": [(0.9, 0.99), (0.91, 0.99)]}, failed="broken")
     text = "\n".join(board_findings(board))
-    assert "broken" not in text and "no row differs from `softmax`" in text
+    assert "broken" not in text and "no other complete row to compare with" in text
