@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.registry import (
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
+
+from harness.registry import (  # noqa: E402
     DATASETS,
     Choice,
     Linear,
@@ -12,6 +14,7 @@ from harness.registry import (
     MODELS,
     Entry,
     Param,
+    ReferenceImpl,
     RegistryError,
     TrainingProgress,
     register_dataset,
@@ -19,9 +22,9 @@ from harness.registry import (
     register_model,
 )
 
-__version__ = "0.1.0"
 __all__ = [
-    "DATASETS", "LOSSES", "MODELS", "Choice", "Entry", "Linear", "Log", "Param", "RegistryError", "TrainingProgress",
+    "DATASETS", "LOSSES", "MODELS", "Choice", "Entry", "Linear", "Log", "Param", "ReferenceImpl", "RegistryError",
+    "TrainingProgress",
     "build_loss", "list_losses", "register_dataset", "register_loss", "register_model",
 ]
 

@@ -20,7 +20,12 @@ allocated before it; on CPU one pass in a fresh subprocess, reporting the growth
 pass's working set. On CPU the address space is capped (``--memory-limit-gb``, by default what is
 free now) so a config that needs more fails as ``oom`` instead of taking the machine down.
 
-Rows for the reference implementation (``harness.reference``) are added when it is installed.
+Rows for reference implementations come from the loss itself: a loss registered with
+``reference=hook`` (see ``harness.registry.ReferenceImpl``) names its equivalents in other packages;
+they are timed beside it, or listed as unavailable when their package is missing.
+
+Every config is validated before anything is timed (unknown loss, bad parameter, a parameter that
+does not fit a class count): one line, exit code 2, as ``run`` does.
 """
 from __future__ import annotations
 
@@ -41,10 +46,9 @@ import torch.nn.functional as F
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from harness.errors import BenchError
+from harness.errors import BenchError, RegistryError
 from harness.measure import cap_address_space, forward_backward, status_kb, synchronize, time_interleaved
-from harness.reference import SPARSE_METHODS, build_reference, import_reference, install_torch_sparse_shim
-from harness.reference import reference_specs
+from harness.registry import LOSSES, ReferenceImpl
 
 COLUMNS = ["loss", "config", "classes", "batch", "device", "median_ms", "ratio_vs_ce", "peak_mem_mb", "status"]
 CE = "cross_entropy"
@@ -111,7 +115,6 @@ class BenchFile(BaseModel):
 
 def load_bench_file(path: str | Path) -> tuple[BenchFile, list[Config]]:
     """Read and validate a bench file; loss entries are expanded and checked like a suite's."""
-    from harness.registry import LOSSES, RegistryError
     from harness.suite import Named, SuiteError, expand_grid, read_mapping
 
     path = Path(path)
@@ -139,12 +142,51 @@ def load_bench_file(path: str | Path) -> tuple[BenchFile, list[Config]]:
     return bench, configs
 
 
+def validate_configs(configs: list[Config], classes: list[int]) -> list[Config]:
+    """Check every config against the registry and each class count; BenchError (one line) otherwise.
+
+    Returns the configs with their parameters validated (defaults are left to the loss)."""
+    import harness
+
+    if not classes or min(classes) < 2:
+        raise BenchError(f"bench-loss: classes must be at least 2, got {classes}")
+    for name, params in configs:
+        where = f"bench-loss --loss {format_config(name, params)!r}"
+        try:
+            entry = LOSSES.get(name, where=where)
+            if entry.unavailable_reason:
+                raise BenchError(f"{where}: loss '{name}' is unavailable: {entry.unavailable_reason}")
+            entry.validate_params(params, where=f"{where}: params")
+            for n in classes:
+                try:
+                    harness.build_loss(name, n, **params)
+                except (ValueError, TypeError) as exc:
+                    if isinstance(exc, RegistryError):
+                        raise
+                    raise BenchError(f"{where} with {n} classes: {exc}") from None
+        except RegistryError as exc:
+            raise BenchError(str(exc)) from None
+    return configs
+
+
 # ----------------------------------------------------------------------------- one pass
-def _build(kind: str, name: str, params: dict[str, Any], n: int, device: torch.device) -> Callable:
+def reference_impls(name: str, params: dict[str, Any], n: int, options: dict[str, Any]) -> list[ReferenceImpl]:
+    """The reference implementations the loss declares for this config (its `reference=` hook)."""
+    import harness
+
+    hook = LOSSES.get(name).extra.get("reference")
+    return [] if hook is None else list(hook(harness.build_loss(name, n, **params), n, options))
+
+
+def _build(kind: str, name: str, params: dict[str, Any], n: int, device: torch.device,
+           label: str = "", options: dict[str, Any] | None = None) -> Callable:
     if kind == "ce":
         return F.cross_entropy
     if kind == "ref":
-        return build_reference(params, device)
+        impl = next((r for r in reference_impls(name, params, n, options or {}) if r.label == label), None)
+        if impl is None:
+            raise RuntimeError(f"{name}: no reference implementation labelled {label!r}")
+        return impl.build(device)
     import harness
 
     return harness.build_loss(name, n, **params).to(device)
@@ -201,9 +243,7 @@ def _child() -> None:
     job = json.loads(sys.argv[1])
     if job["threads"]:
         torch.set_num_threads(job["threads"])
-    if job["shim"]:
-        install_torch_sparse_shim()
-    fn = _build(job["kind"], job["name"], job["params"], job["n"], torch.device("cpu"))
+    fn = _build(job["kind"], job["name"], job["params"], job["n"], torch.device("cpu"), job["label"], job["options"])
     scores, labels = _inputs(job["n"], job["batch"], torch.device("cpu"))
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = status_kb("VmHWM")
@@ -221,9 +261,9 @@ def _memory_pass(row: dict[str, Any], fn: Callable, inputs: tuple, job: dict[str
 
 
 # ----------------------------------------------------------------------------- the table
-def _jobs(configs: list[Config], n: int, reference: bool, shim: bool) -> list[tuple[str, str, str, Any, str | None]]:
-    """(row label, config text, kind, build params, fixed status) for one class count, CE first."""
-    ref_available = reference and import_reference() is not None
+def _jobs(configs: list[Config], n: int, reference: bool,
+          options: dict[str, Any]) -> list[tuple[str, str, str, Any, str | None]]:
+    """(row label, config text, kind, params, fixed status) for one class count, CE first."""
     jobs: list[tuple[str, str, str, Any, str | None]] = [(CE, CE, "ce", {}, None)]
     for name, params in configs:
         cfg = format_config(name, params)
@@ -231,16 +271,10 @@ def _jobs(configs: list[Config], n: int, reference: bool, shim: bool) -> list[tu
         if not reference:
             continue
         try:
-            specs = reference_specs(name, params, n)
+            impls = reference_impls(name, params, n, options)
         except Exception:  # noqa: BLE001  (our own build error shows on our row)
-            specs = []
-        for label, spec in specs:
-            if not ref_available:
-                jobs.append((label, cfg, "ref", spec, "unavailable: difftopk not installed"))
-                continue
-            if shim and spec["kwargs"].get("diffsort_method") in SPARSE_METHODS:
-                label += "(shim)"
-            jobs.append((label, cfg, "ref", spec, None))
+            impls = []
+        jobs += [(impl.label, cfg, "ref", params, impl.unavailable) for impl in impls]
     return jobs
 
 
@@ -251,21 +285,20 @@ def bench_losses(configs: list[Config], classes: list[int], batch_size: int, dev
     dev = torch.device(device)
     if threads and dev.type == "cpu":
         torch.set_num_threads(threads)
-    if torch_sparse_shim:
-        install_torch_sparse_shim()
+    options = {"torch_sparse_shim": torch_sparse_shim}
     rows: list[dict[str, Any]] = []
     for n in classes:
         timed: list[tuple[dict[str, Any], Callable, tuple, dict[str, Any]]] = []
-        for label, cfg, kind, params, fixed in _jobs(configs, n, reference, torch_sparse_shim):
+        for label, cfg, kind, params, fixed in _jobs(configs, n, reference, options):
             row = {"loss": label, "config": cfg, "classes": n, "batch": batch_size, "device": str(dev),
                    "median_ms": math.nan, "ratio_vs_ce": math.nan, "peak_mem_mb": math.nan, "status": fixed or "ok"}
             rows.append(row)
             if fixed:
                 continue
             job = {"kind": kind, "name": cfg.partition(":")[0], "params": params, "n": n, "batch": batch_size,
-                   "threads": threads, "shim": torch_sparse_shim}
+                   "threads": threads, "label": label, "options": options}
             try:
-                fn = _build(kind, job["name"], params, n, dev)
+                fn = _build(kind, job["name"], params, n, dev, label, options)
                 inputs = _inputs(n, batch_size, dev)
                 (first,) = time_interleaved([fn], [inputs], dev, repeats=1, warmup=warmup)
                 if first > SLOW_PASS_MS:  # seconds per pass: time it on its own
@@ -330,19 +363,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.errors import UserError
-
-    try:
-        bench, configs = load_bench_file(args.suite) if args.suite else (None, [])
-        configs += [parse_config(text) for text in args.loss]
-    except BenchError as exc:
-        raise UserError(str(exc)) from None
+    bench, configs = load_bench_file(args.suite) if args.suite else (None, [])
+    configs += [parse_config(text) for text in args.loss]
     if not configs:
-        raise UserError("bench-loss: give --loss CONFIG (repeatable) or --suite FILE")
+        raise BenchError("bench-loss: give --loss CONFIG (repeatable) or --suite FILE")
     settings = BenchFile(bench="cli", losses=["softmax"]) if bench is None else bench
     for key in ("classes", "batch_size", "threads", "repeats", "warmup"):
         if getattr(args, key) is None:
             setattr(args, key, getattr(settings, key))
+    for key, low in (("batch_size", 1), ("threads", 1), ("repeats", 1), ("warmup", 0)):
+        value = getattr(args, key)
+        if value is not None and value < low:
+            raise BenchError(f"bench-loss: --{key.replace('_', '-')} must be at least {low}, got {value}")
+    validate_configs(configs, args.classes)
     cap = cap_address_space(args.memory_limit_gb) if torch.device(args.device).type == "cpu" else None
     df = bench_losses(configs, args.classes, args.batch_size, args.device, args.threads, args.repeats,
                       args.warmup, reference=settings.reference and not args.no_reference,

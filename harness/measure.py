@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import platform
@@ -108,28 +109,32 @@ def time_interleaved(fns: list[Callable], inputs: list[tuple], device: torch.dev
 
 
 class StepTimer:
-    """Per-step wall times of a training loop: CUDA events on GPU (no sync per step), perf_counter on CPU."""
+    """Per-step wall times of a training loop, batch fetching included: `start()` at the top of an
+    epoch, `lap()` after each optimiser step. CUDA events on GPU (no sync per step), a clock on CPU."""
 
     def __init__(self, device: torch.device, clock: Callable[[], float] = time.perf_counter) -> None:
         self.device, self.clock = device, clock
         self.seconds: list[float] = []
         self._pending: list[tuple] = []
-        self._start: object = None
+        self._last: object = None
+
+    def _mark(self) -> object:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return self.clock()
 
     def start(self) -> None:
-        if self.device.type == "cuda":
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._start.record()  # type: ignore[attr-defined]
-        else:
-            self._start = self.clock()
+        self._last = self._mark()
 
-    def stop(self) -> None:
+    def lap(self) -> None:
+        now = self._mark()
         if self.device.type == "cuda":
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._pending.append((self._start, end))
+            self._pending.append((self._last, now))
         else:
-            self.seconds.append(self.clock() - self._start)  # type: ignore[operator]
+            self.seconds.append(now - self._last)  # type: ignore[operator]
+        self._last = now
 
     def collect(self) -> list[float]:
         """All step times so far, in seconds (synchronises CUDA once)."""
@@ -177,6 +182,7 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
 
 
+@functools.lru_cache(maxsize=1)
 def git_sha() -> str | None:
     try:
         root = Path(__file__).resolve().parent.parent

@@ -71,11 +71,11 @@ class Metrics(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     test: Selected
-    val: ValSelected
-    best_val_epoch: dict[str, int]
-    last_epoch: int = Field(ge=0)
-    curve_test_last: list[float]
-    curve_test_best_val: list[float]
+    val: ValSelected | None = None
+    best_val_epoch: dict[str, int] = Field(default_factory=dict)
+    last_epoch: int | None = Field(None, ge=0)
+    curve_test_last: list[float] = Field(default_factory=list)
+    curve_test_best_val: list[float] = Field(default_factory=list)
 
     @field_validator("curve_test_last", "curve_test_best_val")
     @classmethod

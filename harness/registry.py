@@ -1,7 +1,15 @@
-"""Generic name -> object registry with parameter schemas, aliases and did-you-mean."""
+"""Generic name -> object registry with parameter schemas, aliases and did-you-mean.
+
+Built-in losses, datasets and models are registered by importing their packages directly (no
+installation needed: `python -m harness` works from a clone); a broken built-in module raises.
+Third-party plugins arrive through entry points; a broken plugin is listed as unavailable with the
+reason and never hides the others. This module imports neither torch nor any plugin at import time.
+"""
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -29,8 +37,11 @@ class Param:
     optional: bool = False  # None is an allowed value
     doc: str = ""
     # How the value enters the run id: "value" (as is), "ignore" (where data lives, e.g. a cache
-    # folder), "basename" (a file path: its name identifies the data, its folder does not).
+    # folder), "basename" (a file path: its name identifies the data, its folder does not),
+    # "content" (a file or folder path: a hash of its bytes identifies the data; see content_hash).
     identity: str = "value"
+    # A file-system path: a relative value in a suite resolves against the suite file's folder.
+    path: bool = False
     # Where tuning searches this parameter (harness/space.py): Log(lo, hi), Linear(lo, hi) or
     # Choice(...); None: not tuned unless a suite's `tune.space` names it.
     search: Space | None = None
@@ -82,6 +93,32 @@ def _closest(name: str, candidates: Iterable[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+# The packages of this project: what they register is attributed to this distribution, installed or not.
+PROJECT_DISTRIBUTION = "topk-loss-bench"
+PROJECT_PACKAGES = ("harness", "losses")
+
+
+@functools.cache
+def _packages_distributions() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()
+
+
+def distribution_of(module: str) -> tuple[str | None, str | None]:
+    """(distribution name, version) that ships `module`; (None, None) for a module outside any."""
+    top = module.split(".")[0]
+    if top in PROJECT_PACKAGES:
+        from harness import __version__
+
+        return PROJECT_DISTRIBUTION, __version__
+    names = _packages_distributions().get(top)
+    if not names:
+        return None, None
+    try:
+        return names[0], importlib.metadata.version(names[0])
+    except importlib.metadata.PackageNotFoundError:
+        return names[0], None
+
+
 @dataclass
 class Entry(Generic[T]):
     """A registered object and its metadata."""
@@ -96,6 +133,15 @@ class Entry(Generic[T]):
     doc: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     load_error: str | None = None
+    module: str = ""  # the module that registered it
+    distribution: str | None = None  # the installed distribution shipping that module (None: not installed)
+    distribution_version: str | None = None
+
+    def provenance(self) -> dict[str, Any]:
+        """Where this entry comes from, for run records: its integer `version` beside the module and
+        the distribution (name and version) that ships it."""
+        return {"name": self.name, "version": self.version, "module": self.module,
+                "distribution": self.distribution, "distribution_version": self.distribution_version}
 
     @property
     def unavailable_reason(self) -> str | None:
@@ -115,6 +161,10 @@ class Entry(Generic[T]):
             mode = self.params[key].identity if key in self.params else "value"
             if mode == "basename" and isinstance(value, str):
                 out[key] = value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+            elif mode == "content" and isinstance(value, str):
+                from harness.content_hash import content_digest  # hashing only where a suite asks for it
+
+                out[key] = content_digest(value)
             elif mode != "ignore":
                 out[key] = value
         return out
@@ -134,12 +184,19 @@ class Entry(Generic[T]):
         return out
 
 
-class Registry(Generic[T]):
-    """Name -> Entry mapping; third-party entries arrive through an entry-point group."""
+Check = Callable[[str, Any, dict[str, Any]], None]
 
-    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
+
+class Registry(Generic[T]):
+    """Name -> Entry mapping, filled on first use by importing the built-in modules, then the modules
+    named in an entry-point group (third-party plugins)."""
+
+    def __init__(self, kind: str, entry_point_group: str | None = None, builtins: Iterable[str] = (),
+                 check: Check | None = None) -> None:
         self.kind = kind
         self.entry_point_group = entry_point_group
+        self.builtins = tuple(builtins)
+        self.check = check
         self._entries: dict[str, Entry[T]] = {}
         self._aliases: dict[str, str] = {}
         self._plugins_loaded = False
@@ -156,14 +213,20 @@ class Registry(Generic[T]):
         requires: Iterable[str] = (),
         **extra: Any,
     ) -> Callable[[T], T]:
-        """Decorator registering `obj` under `name`."""
+        """Decorator registering `obj` under `name`; the registry's check runs first (a RegistryError
+        names what is wrong)."""
 
         def decorator(obj: T) -> T:
+            if self.check is not None:
+                self.check(name, obj, extra)
             if name in self._entries and self._entries[name].obj is not obj:
                 raise RegistryError(f"{self.kind} '{name}' is registered twice")
             doc = (getattr(obj, "__doc__", None) or "").strip().split("\n")[0]
+            module = getattr(obj, "__module__", None) or ""
+            dist, dist_version = distribution_of(module)
             self._entries[name] = Entry(
-                name, obj, dict(params or {}), family, paper, version, tuple(requires), doc, extra
+                name, obj, dict(params or {}), family, paper, version, tuple(requires), doc, extra,
+                module=module, distribution=dist, distribution_version=dist_version,
             )
             for alias in aliases:
                 self._aliases[alias] = name
@@ -172,17 +235,31 @@ class Registry(Generic[T]):
         return decorator
 
     def load_plugins(self) -> None:
-        """Import every module named in the entry-point group once (built-ins included)."""
-        if self._plugins_loaded or self.entry_point_group is None:
+        """Import the built-in modules (an import error propagates: it is a bug), then every module
+        named in the entry-point group (a failing plugin is listed as unavailable with the reason)."""
+        if self._plugins_loaded:
             return
+        for module in self.builtins:
+            try:
+                importlib.import_module(module)
+            except Exception as exc:
+                exc.add_note(f"topk-bench: the built-in {self.kind} module '{module}' failed to import")
+                raise
         self._plugins_loaded = True
+        if self.entry_point_group is None:
+            return
         for ep in importlib.metadata.entry_points(group=self.entry_point_group):
+            if ep.module in self.builtins:  # stale metadata of an older install that listed built-ins
+                continue
             try:
                 ep.load()
             except Exception as exc:  # a broken plugin must not break the others
-                log.warning("%s plugin %s failed to load: %s", self.kind, ep.name, exc)
+                dist = getattr(ep, "dist", None)
+                log.warning("%s plugin %s (%s) failed to load: %s", self.kind, ep.name, ep.value, exc)
                 self._entries.setdefault(
-                    ep.name, Entry(ep.name, None, load_error=f"plugin failed to import: {exc}")  # type: ignore[arg-type]
+                    ep.name, Entry(ep.name, None, load_error=f"plugin failed to import: {exc}",  # type: ignore[arg-type]
+                                   module=ep.module, distribution=dist.name if dist else None,
+                                   distribution_version=dist.version if dist else None)
                 )
 
     def names(self) -> list[str]:
@@ -228,9 +305,58 @@ class TrainingProgress:
         return self.step / total
 
 
-LOSSES: Registry[Any] = Registry("loss", "topk_bench.losses")
-DATASETS: Registry[Any] = Registry("dataset", "topk_bench.datasets")
-MODELS: Registry[Any] = Registry("model", "topk_bench.models")
+def _check_loss(name: str, obj: Any, extra: dict[str, Any]) -> None:
+    from torch import nn  # the module registering a loss has imported torch already
+
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise RegistryError(f"loss '{name}': {obj!r} is not a torch.nn.Module subclass "
+                            "(a loss is an nn.Module built as cls(num_classes, **params))")
+    if extra.get("reference") is not None and not callable(extra["reference"]):
+        raise RegistryError(f"loss '{name}': reference= must be callable (see harness.registry.ReferenceImpl)")
+
+
+def _check_dataset(name: str, obj: Any, extra: dict[str, Any]) -> None:
+    if not callable(obj):
+        raise RegistryError(f"dataset '{name}': {obj!r} is not callable (load(seed, **params) -> DataBundle)")
+    if not callable(extra.get("num_classes")):
+        raise RegistryError(f"dataset '{name}': register_dataset needs num_classes=callable(params) -> int")
+
+
+def _check_model(name: str, obj: Any, extra: dict[str, Any]) -> None:
+    if not callable(obj):
+        raise RegistryError(f"model '{name}': {obj!r} is not callable "
+                            "(build(input_shape, num_classes, **params) -> nn.Module)")
+
+
+@dataclass(frozen=True)
+class ReferenceImpl:
+    """A reference implementation of a loss configuration, timed beside it by `bench-loss`.
+
+    A loss declares them with `register_loss(..., reference=hook)`, where
+    `hook(loss: nn.Module, num_classes: int, options: dict) -> list[ReferenceImpl]` maps a built
+    instance of ours to the equivalent reference losses (none when there is no equivalent).
+    `build(device)` returns a callable `(scores, labels) -> scalar`; `unavailable` names why it
+    cannot run here (e.g. the reference package is not installed). `options` carries bench-loss
+    settings (e.g. `torch_sparse_shim`).
+    """
+
+    label: str
+    build: Callable[[Any], Callable]
+    unavailable: str | None = None
+
+
+LOSSES: Registry[Any] = Registry("loss", "topk_bench.losses", builtins=("losses",), check=_check_loss)
+DATASETS: Registry[Any] = Registry("dataset", "topk_bench.datasets", builtins=("harness.data",), check=_check_dataset)
+MODELS: Registry[Any] = Registry("model", "topk_bench.models", builtins=("harness.models",), check=_check_model)
 register_loss = LOSSES.register
-register_dataset = DATASETS.register
 register_model = MODELS.register
+
+
+def register_dataset(name: str, *, num_classes: Callable[[dict[str, Any]], int], **kwargs: Any) -> Callable:
+    """Register a dataset loader `load(seed, **params) -> DataBundle` under `name`.
+
+    `num_classes(params) -> int` gives the class count for validated params without loading the data
+    (the suite checks `eval.k` and builds every loss with it before any run starts). Other keyword
+    arguments are those of `Registry.register` (params, version, family, paper, requires, aliases).
+    """
+    return DATASETS.register(name, num_classes=num_classes, **kwargs)

@@ -11,12 +11,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from harness import leaderboard  # noqa: E402
 from harness.findings import Settings, board_findings, comparison_table  # noqa: E402
 from harness.leaderboard import Board  # noqa: E402
-from harness.leaderboard import variant_label  # noqa: E402
+from harness.leaderboard import variant_label, varying_label  # noqa: E402
 from harness.registry import DATASETS, LOSSES, MODELS  # noqa: E402
 from harness.store import RunStore  # noqa: E402
 from harness.suite import Suite  # noqa: E402
@@ -28,18 +30,33 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:80] or "board"
 
 
-def _plot_curves(board: Board, path: Path, max_k: int) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, curve in board.curves.items():
-        k = min(max_k, len(curve))
-        ax.plot(range(1, k + 1), 100 * curve[:k], label=label, linewidth=1.2)
+def saturation_k(curves: list[np.ndarray], max_k: int, level: float = 0.995) -> int:
+    """The k from which every curve is at least `level` (the plot stops there), at most `max_k`."""
+    k = 1
+    for curve in curves:
+        above = np.flatnonzero(np.asarray(curve[:max_k]) >= level)
+        k = max(k, int(above[0]) + 1 if above.size else min(max_k, len(curve)))
+    return min(max(k, 2), max_k)
+
+
+def _plot_curves(board: Board, path: Path, max_k: int, labels: dict[str, str] | None = None) -> None:
+    """Top-k curves, one distinct colour/marker/dash per row, integer k, cut where every row saturates."""
+    from harness.compare.figures import distinct_styles
+
+    labels = labels or {}
+    k_end = saturation_k(list(board.curves.values()), max_k)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (label, curve), style in zip(board.curves.items(), distinct_styles(len(board.curves))):
+        k = min(k_end, len(curve))
+        ax.plot(range(1, k + 1), 100 * curve[:k], label=labels.get(label, label), linewidth=1.1, markersize=3,
+                **style)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("k")
     ax.set_ylabel("test top-k accuracy (%)")
-    ax.set_title(f"{board.dataset} / {board.model}", fontsize=9)
+    ax.set_title(f"{board.dataset} / {board.model} (k up to where every row reaches 99.5 %)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=1 + len(board.curves) // 24)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -78,8 +95,10 @@ def _data_lines(records: list[dict]) -> list[str]:
         sizes = [f"{split} {info[f'{split}_size']}" for split in ("train", "val", "test") if f"{split}_size" in info]
         if not sizes:
             continue
-        classes = info.get("num_classes")
+        classes = info.get("classes")
         text = ", ".join(sizes) + (f" samples; {classes} classes" if classes is not None else " samples")
+        if info.get("classes_in_train") is not None and classes is not None and info["classes_in_train"] < classes:
+            text += f" ({info['classes_in_train']} present in train)"
         for key in ("val_holdout_used", "flipped_labels"):
             if info.get(key):
                 text += f"; {key.replace('_', ' ')} {info[key]}"
@@ -155,7 +174,9 @@ def write_report(suite: Suite, store: RunStore, tuners: list | None = None) -> P
                       tabulate(table, headers="keys", tablefmt="github", showindex=False, disable_numparse=True)]
         if board.curves:
             png = plots / f"topk-{slug}.png"
-            _plot_curves(board, png, max_k=max(20, 2 * max(eval_cfg["k"])))
+            losses = [spec.loss for spec in suite.runs]  # legend: only the parameters that vary in the suite
+            labels = {variant_label(LOSSES, c): varying_label(c, losses) for c in losses}
+            _plot_curves(board, png, max_k=max(20, 2 * max(eval_cfg["k"])), labels=labels)
             lines += ["", f"![top-k curves]({png.relative_to(store.root)})", ""]
         if suite.tune is not None:
             for png in tune_report.board_plots(tuners, suite.tune, board, shown, plots, slug):

@@ -189,7 +189,18 @@ def expand_grid(entry_params: dict, values: dict, where: str) -> list[dict]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*choices)]
 
 
-def _components(registry: Registry, named: Named, where: str) -> list[Component]:
+def resolve_paths(entry_params: dict, params: dict, base: Path) -> dict:
+    """Relative values of path parameters (`Param(path=True)`) made relative to `base` (the suite's folder)."""
+    out = dict(params)
+    for key, value in params.items():
+        schema = entry_params.get(key)
+        if schema is not None and getattr(schema, "path", False) and isinstance(value, str) and value:
+            if not Path(value).expanduser().is_absolute():
+                out[key] = str((base / value).resolve())
+    return out
+
+
+def _components(registry: Registry, named: Named, where: str, base: Path | None = None) -> list[Component]:
     try:
         entry = registry.get(named.name, where=f"{where}.name")
         if entry.unavailable_reason:
@@ -197,6 +208,8 @@ def _components(registry: Registry, named: Named, where: str) -> list[Component]
         comps = []
         for p in expand_grid(entry.params, named.params, f"{where}.params"):
             params = entry.validate_params(p, where=f"{where}.params")
+            if base is not None:
+                params = resolve_paths(entry.params, params, base)
             identity = entry.identity_params(params)
             comps.append(Component(entry.name, entry.version, params, None if identity == params else identity))
         return comps
@@ -230,11 +243,11 @@ def load_suite(path: str | Path) -> Suite:
     except ValidationError as exc:
         raise SuiteError(_pydantic_message(path, exc)) from None
     try:
-        datasets = _components(DATASETS, model.dataset, "dataset")
-        models = _components(MODELS, model.model, "model")
+        datasets = _components(DATASETS, model.dataset, "dataset", path.parent)
+        models = _components(MODELS, model.model, "model", path.parent)
         entries = [(i, comp) for i, item in enumerate(model.losses)
                    for comp in _components(LOSSES, LossEntry(name=item) if isinstance(item, str) else item,
-                                           f"losses[{i}]")]
+                                           f"losses[{i}]", path.parent)]
         losses = [comp for _, comp in entries]
     except SuiteError as exc:
         raise SuiteError(f"{path}: {exc}") from None

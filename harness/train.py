@@ -2,23 +2,27 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import logging
 import math
 import os
 import socket
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness import measure
+from harness import checkpoint, measure
 from harness.data.base import DataBundle, Split
 from harness.metrics import summarize, true_label_rank
+from harness.progress import EpochProgress, short_label
 from harness.record import SCHEMA_VERSION
 from harness.registry import DATASETS, LOSSES, MODELS, TrainingProgress
 from harness.spec import RunSpec
@@ -114,29 +118,23 @@ class Trainer:
         self.resumed_from: int | None = None
         self._maybe_resume()
 
-    # ---- checkpointing -------------------------------------------------------------------
+    # ---- checkpointing (format and safety: harness/checkpoint.py) ------------------------
     def _state(self, epoch: int) -> dict:
+        """Tensors and plain values only, so that loading needs no unpickling of code."""
         return {
-            "epoch": epoch, "step": self.step, "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "loss": self.loss_fn.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            **checkpoint.stamp(self.spec), "epoch": epoch, "step": self.step,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "loss": self.loss_fn.state_dict(), "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
-            "history": self.history, "train_rank_hist": self.train_rank_hist,
+            "history": json.dumps(asdict(self.history)), "train_rank_hist": self.train_rank_hist.cpu(),
         }
 
     def _save_checkpoint(self, epoch: int) -> None:
-        if self.checkpoint_path is None:
-            return
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(self._state(epoch), tmp)
-        tmp.replace(self.checkpoint_path)
+        if self.checkpoint_path is not None and not checkpoint.save(self.checkpoint_path, self._state(epoch)):
+            self.checkpoint_path = None
 
-    def _maybe_resume(self) -> None:
-        if self.checkpoint_path is None or not self.checkpoint_path.is_file():
-            return
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+    def _apply(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.loss_fn.load_state_dict(state["loss"])
@@ -144,10 +142,30 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None:
+        if state["cuda_rng"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.history, self.step = state["history"], state["step"]
-        self.train_rank_hist = state["train_rank_hist"].to(self.device)
+        history = json.loads(state["history"])
+        self.history = History(epochs=list(history["epochs"]), curves=list(history["curves"]))
+        self.step = state["step"]
+        self.train_rank_hist = state["train_rank_hist"].to(self.device, torch.float32)
+
+    def _maybe_resume(self) -> None:
+        """Resume from this run's checkpoint; a corrupt, foreign or unsafe file is ignored (logged)."""
+        if self.checkpoint_path is None:
+            return
+        state = checkpoint.load(self.checkpoint_path, self.spec)
+        if state is None:
+            return
+        fresh = copy.deepcopy(self._state(-1))
+        try:
+            self._apply(state)
+            if len(self.history.epochs) != state["epoch"] + 1:
+                raise ValueError(f"history has {len(self.history.epochs)} epochs, expected {state['epoch'] + 1}")
+        except Exception as exc:  # shapes or fields that do not fit this run's model: start over
+            log.warning("ignoring checkpoint %s: it does not fit run %s (%s: %s); starting over",
+                        self.checkpoint_path, self.spec.run_id, type(exc).__name__, " ".join(str(exc).split())[:200])
+            self._apply(fresh)
+            return
         self.start_epoch = self.resumed_from = state["epoch"] + 1
         log.info("resumed %s from epoch %d", self.spec.run_id, state["epoch"])
 
@@ -167,8 +185,8 @@ class Trainer:
         total_loss, batches, timing_batch = 0.0, 0, None
         measure.synchronize(self.device)
         start = time.perf_counter()
+        self.step_timer.start()
         for xb, yb in train.batches(self.cfg["batch_size"], self.device, self.generator):
-            self.step_timer.start()
             if self.data.train_transform is not None:
                 xb = self.data.train_transform(xb, self.generator)
             if self.cfg["channels_last"] and xb.dim() == 4:
@@ -192,7 +210,7 @@ class Trainer:
             total_loss += loss.detach()
             batches += 1
             self.step += 1
-            self.step_timer.stop()
+            self.step_timer.lap()
             if timing_batch is None:  # a full batch (the last one may be a small remainder)
                 timing_batch = (scores.detach(), yb)
             if time.monotonic() > self.deadline:
@@ -216,8 +234,11 @@ class Trainer:
             out[name] = summary
         return out, curves
 
-    def fit(self) -> tuple[dict, torch.Tensor | None]:
+    def fit(self, on_epoch: Callable[[EpochProgress], None] | None = None) -> tuple[dict, torch.Tensor | None]:
+        """Train every remaining epoch; after each, `on_epoch` (if given) gets an EpochProgress, which
+        is also logged (INFO, `extra={"epoch_progress": ...}`) for progress displays."""
         timing_batch = None
+        started, label = time.monotonic(), short_label(self.spec.loss)
         for epoch in range(self.start_epoch, self.cfg["epochs"]):
             train_loss, seconds, timing_batch = self._train_epoch(epoch)
             metrics, curves = self._evaluate()
@@ -225,8 +246,14 @@ class Trainer:
             self.history.epochs.append({"epoch": epoch, "train_loss": train_loss, "epoch_seconds": seconds,
                                         "step_seconds": seconds / steps, **metrics})
             self.history.curves.append(curves)
-            log.debug("%s epoch %d loss %.4f val top1 %.4f", self.spec.run_id, epoch, train_loss,
-                     metrics["val"].get("top1", float("nan")))
+            done = epoch + 1 - self.start_epoch
+            progress = EpochProgress(self.spec.run_id, label, self.spec.seed, epoch + 1, self.cfg["epochs"],
+                                     train_loss, self.spec.eval["primary"],
+                                     metrics["val"].get(self.spec.eval["primary"], float("nan")),
+                                     (time.monotonic() - started) / done)
+            log.info("%s", progress.describe(), extra={"epoch_progress": progress})
+            if on_epoch is not None:
+                on_epoch(progress)
             self._save_checkpoint(epoch)
             if time.monotonic() > self.deadline:
                 raise RunTimeout(f"time budget exhausted after epoch {epoch} (evaluation included)")
@@ -265,8 +292,10 @@ class Trainer:
             return out
         scores, labels = batch
         inputs = (scores.clone().requires_grad_(True), labels)
+        # at most ~2 % of the training time (and 0.2 s) goes to this side-by-side measurement
+        budget = min(0.2, 0.02 * sum(epochs))
         loss, ce = measure.time_interleaved_stats([self.loss_fn, F.cross_entropy], [inputs, inputs], self.device,
-                                                  repeats=15, warmup=5, min_seconds=0.2, max_repeats=500)
+                                                  repeats=15, warmup=5, min_seconds=budget, max_repeats=500)
         out.update(loss_fwd_bwd=loss.to_dict(), ce_fwd_bwd=ce.to_dict(), loss_fwd_bwd_ms=loss.median_ms,
                    ce_fwd_bwd_ms=ce.median_ms, loss_vs_ce=loss.median_ms / ce.median_ms if ce.median_ms else 0.0,
                    loss_vs_ce_reliable=loss.reliable and ce.reliable and ce.median_ms > 0)
@@ -294,6 +323,8 @@ def run_one(spec: RunSpec, store: RunStore, device: str = "auto", timeout_min: f
     started = time.time()
     record = new_record(spec)
     record["environment"] = measure.environment(dev)
+    record["provenance"] = {part: registry.get(getattr(spec, part).name).provenance()
+                            for part, registry in (("loss", LOSSES), ("dataset", DATASETS), ("model", MODELS))}
     trainer = None
     try:
         measure.reset_peak_memory(dev)
@@ -303,8 +334,7 @@ def run_one(spec: RunSpec, store: RunStore, device: str = "auto", timeout_min: f
         record["metrics"] = metrics
         record["timings"] = trainer.timings(timing_batch)
         record["status"] = "done"
-        if ckpt is not None:
-            ckpt.unlink(missing_ok=True)
+        checkpoint.remove(ckpt)
     except NonFiniteLoss as exc:
         record.update(status="nan", error=str(exc))
     except RunTimeout as exc:
@@ -319,7 +349,7 @@ def run_one(spec: RunSpec, store: RunStore, device: str = "auto", timeout_min: f
     if trainer is not None:
         record["curves"] = trainer.history.epochs
         record["resumed_from_epoch"] = trainer.resumed_from
-        record["data_info"] = trainer.data.info
+        record["data_info"] = {**trainer.data.info, **trainer.data.describe()}
     peak, kind = measure.peak_memory_mb(dev)
     record.update(peak_memory_mb=peak, peak_memory_kind=kind, wall_seconds=time.time() - started,
                   finished=datetime.now(timezone.utc).isoformat())

@@ -40,6 +40,7 @@ from torch import nn
 
 from harness.registry import Log, Param, register_loss
 from losses.common import check_k, working_precision
+from losses.reference_difftopk import berrada_smooth_reference
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +360,7 @@ class BerradaHardTopK(nn.Module):
     family="berrada",
     paper=PAPER,
     version=1,
+    reference=berrada_smooth_reference,
     params={"k": _K, "alpha": _ALPHA, "tau": Param(float, 1.0, gt=0.0, doc="temperature τ", search=Log(1e-3, 10.0))},
 )
 class BerradaSmoothTopK(nn.Module):

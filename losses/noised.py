@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
     paper="Garcin, Servajean, Joly, Salmon. Stochastic smoothing of the top-K calibrated hinge "
     "loss for deep imbalanced classification. ICML 2022",
     version=1,
+    contract={"gradcheck": False},  # Monte-Carlo smoothing: its gradient is tested in tests/unit/test_noised.py
     requires=("pytopk",),
     params={
         "k": Param(int, 5, ge=1, doc="k of top-k (k < num_classes)"),

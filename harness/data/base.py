@@ -56,3 +56,16 @@ class DataBundle:
     input_shape: tuple[int, ...]
     train_transform: BatchTransform | None = None
     info: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        """Sizes and class counts of every split, computed from the splits (merged into records' data_info).
+
+        `classes` is the model's output size; `classes_in_<split>` counts the distinct labels a
+        split actually contains (fewer than `classes` means some classes never occur there).
+        """
+        out: dict = {"classes": int(self.num_classes)}
+        for name in ("train", "val", "test"):
+            split = getattr(self, name)
+            out[f"{name}_size"] = None if split is None else len(split)
+            out[f"classes_in_{name}"] = None if split is None else int(torch.unique(split.y).numel())
+        return out

@@ -35,7 +35,7 @@ FOLDER = "cifar-100-python"
 ARCHIVE = "cifar-100-python.tar.gz"
 
 PARAMS = {
-    "root": Param(str, "~/.cache/topk-bench/cifar100", identity="ignore",
+    "root": Param(str, "~/.cache/topk-bench/cifar100", identity="ignore", path=True,
                   doc="folder holding cifar-100-python/ (or the .tar.gz)"),
     "download": Param(bool, True, identity="ignore", doc="download when the files are missing"),
     "val_fraction": Param(float, 0.05, ge=0.0, lt=1.0, doc="stratified share of train held out as val"),

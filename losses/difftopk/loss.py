@@ -7,6 +7,7 @@ from torch import nn
 
 from harness.registry import Linear, Log, Param, register_loss
 from losses.common import working_precision
+from losses.reference_difftopk import difftopk_reference
 from losses.difftopk.label_mass import network_label_mass
 from losses.difftopk.networks import NETWORKS, TorchNetwork
 from losses.difftopk.relaxations import DISTRIBUTIONS
@@ -29,6 +30,8 @@ TOP1_MODES = ("sort", "sm", "smce")
     family="petersen",
     paper="Petersen et al. ICML 2022",
     version=1,
+    reference=difftopk_reference,
+    contract={"params": {"p_k": [0.5, 0.5]}, "min_classes": 4},  # harness.testing: small n needs a short P_K
     params={
         "sorter": Param(str, "odd_even", choices=SORTERS, doc="differentiable sorter / top-k network"),
         "p_k": Param(list, [0.5, 0.0, 0.0, 0.0, 0.5], doc="P_K over k=1..K (non-negative, sums to 1)"),

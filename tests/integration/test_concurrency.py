@@ -185,3 +185,34 @@ def test_cpu_allocation_failure_is_recorded_as_oom(write_suite, tmp_path, plugin
     assert main(["run", str(suite), "--results-dir", str(results)]) == 1
     (record,) = _pool(results).values()
     assert record["status"] == "oom" and "allocate" in record["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_seed", [0, 1, 2])
+def test_sigkill_at_random_points_loses_tears_and_rewrites_nothing(write_suite, tmp_path, kill_seed):
+    import random
+
+    from harness.record import validate_record
+
+    suite = write_suite(TINY_SUITE.replace("seeds: [0, 1]", "seeds: [0, 1, 2]").replace("epochs: 2", "epochs: 6"))
+    results = tmp_path / "results"
+    executor = ["--executor", "local", "--workers", "2"] if kill_seed % 2 else []
+    proc = subprocess.Popen(_cmd(suite, results, *executor), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # kill somewhere between start-up and the middle of the suite
+    time.sleep(random.Random(kill_seed).uniform(1.0, 6.0))
+    workers = _children(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (results / "runs").glob("*.json")}
+    for name, (content, _) in before.items():  # whatever is visible is whole and valid
+        validate_record(json.loads(content), name[:-5])
+    deadline = time.time() + 15
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers)
+    result = subprocess.run(_cmd(suite, results), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (results / "runs").glob("*.json")}
+    assert len(after) == 9
+    assert all(after[name] == value for name, value in before.items())  # nothing lost or rewritten

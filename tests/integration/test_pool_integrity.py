@@ -194,3 +194,14 @@ def test_report_without_records_creates_nothing(write_suite, tmp_path, capsys):
     results = tmp_path / "empty"
     assert _run("report", str(suite), "--results-dir", str(results)) == 2
     assert "no records" in capsys.readouterr().err and not results.exists()
+
+
+def test_records_carry_sizes_and_provenance_and_the_report_states_the_sizes(done_suite):
+    suite, results = done_suite
+    record = next(iter(_pool(results).values()))
+    info = record["data_info"]
+    assert (info["train_size"], info["val_size"], info["test_size"], info["classes"]) == (256, 128, 128, 8)
+    assert record["provenance"]["loss"]["name"] == "softmax" and record["provenance"]["loss"]["distribution"]
+    assert record["schema_version"] == 2 and record["computed_by"]["pid"] > 0
+    assert _run("report", str(suite), "--results-dir", str(results)) == 0
+    assert "- splits: train 256, val 128, test 128 samples; 8 classes" in (results / "tiny" / "report.md").read_text()

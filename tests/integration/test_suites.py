@@ -21,9 +21,9 @@ def test_run_suite_validates(path, tmp_path, monkeypatch):
     if path.name == "imagenet-features.yaml":  # validation reads the class count from the user's file
         monkeypatch.chdir(tmp_path)
         (tmp_path / "data").mkdir()
-        labels = np.arange(1000)
-        np.savez(tmp_path / "data" / "imagenet-features.npz", train_features=np.zeros((1000, 4), np.float16),
-                 train_labels=labels, val_features=np.zeros((1000, 4), np.float16), val_labels=labels)
+        labels = np.arange(100_000) % 1000  # the suite holds out 50 000: it needs at least twice that
+        np.savez(tmp_path / "data" / "imagenet-features.npz", train_features=np.zeros((100_000, 4), np.float16),
+                 train_labels=labels, val_features=np.zeros((1000, 4), np.float16), val_labels=labels[:1000])
     suite = load_suite(path)
     assert suite.runs and suite.name == path.stem
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import harness
 import losses  # noqa: F401
-from harness.reference import install_torch_sparse_shim
+from losses.reference_difftopk import install_torch_sparse_shim
 
 install_torch_sparse_shim()  # pure-torch torch_sparse.spmm so the reference's sparse networks run
 with contextlib.redirect_stdout(io.StringIO()):

@@ -225,3 +225,129 @@ def test_extract_features_through_the_cli(tmp_path):
                      "--device", "cpu", "--out", str(tmp_path / "cli")]) == 0
     with np.load(tmp_path / "cli.npz") as z:
         assert z["train_features"].shape[0] == 6 and z["val_features"].shape[0] == 4
+
+
+# ---- holdout protocol on a real-size file ------------------------------------------------------
+N_REAL, D_REAL, C_REAL = 50_676, 64, 100  # the file: ~50 k training samples, no test split
+
+
+def _real_size(fmt: str, root: Path) -> tuple[Path, dict]:
+    rng = np.random.default_rng(1)
+    a = {"train_features": rng.standard_normal((N_REAL, D_REAL)).astype(np.float16),
+         "train_labels": rng.integers(0, C_REAL, N_REAL).astype(np.int64),
+         "val_features": rng.standard_normal((5000, D_REAL)).astype(np.float16),
+         "val_labels": (np.arange(5000) % C_REAL).astype(np.int64)}
+    if fmt == "npz":
+        np.savez(root / "f.npz", **a)
+        return root / "f.npz", a
+    if fmt == "safetensors":
+        save_file(a, str(root / "f.safetensors"))
+        return root / "f.safetensors", a
+    for k, v in a.items():
+        for i, part in enumerate(np.array_split(v, 4 if k.startswith("train") else 1)):
+            np.save(root / f"{k}-{i:05d}.npy", part)
+    return root, a
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors", "npy"])
+def test_default_holdout_is_a_tenth_of_a_real_size_train_set(tmp_path, fmt):
+    path, a = _real_size(fmt, tmp_path)
+    b, n = load(path)
+    hold = round(0.1 * N_REAL)  # 5068: val_fraction 0.1, far below the 50 000 cap
+    assert (len(b.train), len(b.val), len(b.test)) == (N_REAL - hold, hold, 5000)
+    assert b.info["val_holdout_used"] == hold and b.info["val_source"] == "train holdout"
+    d = b.describe()
+    assert (d["train_size"], d["val_size"], d["test_size"]) == (N_REAL - hold, hold, 5000)
+    assert d["classes"] == n == C_REAL and d["classes_in_train"] == C_REAL and d["classes_in_test"] == C_REAL
+    # train and val partition the file's training split (labels as a multiset)
+    np.testing.assert_array_equal(np.sort(np.r_[b.train.y.numpy(), b.val.y.numpy()]), np.sort(a["train_labels"]))
+    b2, _ = load(path, val_holdout=20_000)  # explicit absolute holdout overrides the fraction
+    assert (len(b2.train), len(b2.val)) == (N_REAL - 20_000, 20_000)
+
+
+def test_holdout_cap_fraction_and_refusal(tmp_path, monkeypatch):
+    from harness.data import features
+
+    np.savez(tmp_path / "f.npz", **arrays(n_train=1000))
+    b, _ = load(tmp_path / "f.npz", val_fraction=0.25)
+    assert (len(b.train), len(b.val)) == (750, 250)
+    monkeypatch.setattr(features, "VAL_HOLDOUT_CAP", 40)
+    b, _ = load(tmp_path / "f.npz")
+    assert len(b.val) == 40 and b.info["val_holdout_used"] == 40
+    b, _ = load(tmp_path / "f.npz", val_holdout=500)  # exactly half kept: allowed
+    assert len(b.train) == 500
+    with pytest.raises(FeatureFileError, match="val_holdout=501 holds out 501 of the 1000 training samples"):
+        load(tmp_path / "f.npz", val_holdout=501)
+    with pytest.raises(ValueError, match="val_fraction"):
+        load(tmp_path / "f.npz", val_fraction=0.6)
+
+
+def test_file_with_test_split_ignores_holdout_and_describes_itself(tmp_path):
+    a = arrays(test=True)
+    a["val_labels"][:] = 0  # val holds a single class
+    np.savez(tmp_path / "f.npz", **a)
+    b, _ = load(tmp_path / "f.npz", val_holdout=100)
+    assert b.info["val_holdout_used"] == 0 and b.info["val_source"] == "file"
+    assert b.describe() == {"classes": C, "train_size": 120, "val_size": 40, "test_size": 30,
+                            "classes_in_train": C, "classes_in_val": 1, "classes_in_test": C}
+
+
+def test_every_dataset_describes_its_splits():
+    from harness.registry import DATASETS
+
+    entry = DATASETS.get("synthetic")
+    b = entry.obj(seed=0, **entry.validate_params({"classes": 6, "superclasses": 2, "train_size": 50,
+                                                   "val_size": 20, "test_size": 30}))
+    d = b.describe()
+    assert (d["classes"], d["train_size"], d["val_size"], d["test_size"]) == (6, 50, 20, 30)
+    assert d["classes_in_train"] == len(set(b.train.y.tolist())) <= 6
+    entry = DATASETS.get("random_images")
+    b = entry.obj(seed=0, **entry.validate_params({"classes": 300, "train_size": 40, "val_size": 10,
+                                                   "test_size": 10, "image_size": 8}))
+    d = b.describe()
+    assert d["classes"] == 300 and d["classes_in_train"] == len(set(b.train.y.tolist())) <= 40
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_finite_bit_test_matches_numpy(dtype):
+    from harness.data.features import _finite_rows
+
+    info = np.finfo(dtype)
+    specials = [np.nan, -np.nan, np.inf, -np.inf, info.max, -info.max, info.tiny, info.smallest_subnormal, -0.0, 0.0]
+    x = np.random.default_rng(0).standard_normal((len(specials) * 3, 5)).astype(dtype)
+    for i, v in enumerate(specials):
+        x[3 * i, i % 5] = v
+    np.testing.assert_array_equal(_finite_rows(x), np.isfinite(x).all(axis=1))
+    np.testing.assert_array_equal(_finite_rows(x[:, ::2]), np.isfinite(x[:, ::2]).all(axis=1))  # strided view
+
+
+def test_sparse_labels_need_declared_classes(tmp_path):
+    a = arrays()
+    a["train_labels"][0] = 999  # 8 distinct labels up to 999: 992 of 1000 classes empty
+    np.savez(tmp_path / "f.npz", **a)
+    with pytest.raises(FeatureFileError, match="992 of 1000 classes would be empty"):
+        load(tmp_path / "f.npz")
+    np.savez(tmp_path / "g.npz", **a, class_names=np.array([f"c{i}" for i in range(1000)]))
+    b, n = load(tmp_path / "g.npz")  # the file says it has 1000 classes: fine
+    assert n == b.num_classes == 1000 and b.describe()["classes"] == 1000
+    a["train_labels"][0] = 2 * C - 1  # 13 = max: 7 + 1 used of 14, half empty: still allowed
+    np.savez(tmp_path / "h.npz", **a)
+    assert load(tmp_path / "h.npz")[1] == 2 * C
+
+
+def test_record_carries_split_sizes_and_class_counts(tmp_path):
+    import json as _json
+
+    from harness.cli import main
+
+    np.savez(tmp_path / "f.npz", **arrays(n_train=200))
+    suite = tmp_path / "s.yaml"
+    suite.write_text(f"suite: info\nseeds: [0]\ndataset: {{name: features, params: {{path: {tmp_path / 'f.npz'}}}}}\n"
+                     "model: {name: linear}\ntrain: {epochs: 1, batch_size: 50}\neval: {k: [1]}\nlosses: [softmax]\n"
+                     "resources: {device: cpu}\n")
+    assert main(["run", str(suite), "--results-dir", str(tmp_path / "r")]) == 0
+    (path,) = (tmp_path / "r").rglob("runs/*.json")
+    info = _json.loads(path.read_text())["data_info"]
+    assert (info["train_size"], info["val_size"], info["test_size"]) == (180, 20, 40)
+    assert info["classes"] == C and info["classes_in_test"] == C and 1 <= info["classes_in_val"] <= C
+    assert info["val_source"] == "train holdout" and info["storage_dtype"] == "float32"

@@ -3,6 +3,8 @@ import math
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 
 from harness.cli import main
@@ -69,3 +71,35 @@ def test_config_over_the_memory_cap_is_oom_not_a_crash(tmp_path):
     table = out.with_suffix(".csv").read_text()
     assert "ref:TopKCrossEntropyLoss[neuralsort],difftopk:sorter=neuralsort,1000,256,cpu,,,,oom" in table
     assert "\ndifftopk,difftopk:sorter=neuralsort,1000,256,cpu," in table and ",ok\n" in table
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--loss", "sofmax"], "unknown loss 'sofmax' (did you mean 'softmax'?)"),
+    (["--loss", "softmax:label_smoothing=3"], "label_smoothing: 3.0 out of range"),
+    (["--loss", "softmax:smoothing=0.1"], "unknown parameter of 'softmax'"),
+    (["--loss", "berrada_smooth:k=200", "--classes", "100"], "with 100 classes: k=200"),
+    (["--loss", "softmax", "--classes", "1"], "classes must be at least 2"),
+    (["--loss", "softmax", "--repeats", "0"], "--repeats must be at least 1"),
+])
+def test_bad_loss_or_parameter_is_one_line_exit_2_and_no_table(capsys, args, fragment):
+    assert main(["bench-loss", *args, "--no-memory"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "\n" not in err.strip() and fragment in err, (out, err)
+
+
+def test_reference_rows_come_from_the_loss_registration():
+    """The engine names no loss: bench-loss asks each loss's `reference=` hook for its equivalents."""
+    from harness.lossbench import reference_impls
+    from harness.registry import LOSSES
+
+    assert reference_impls("softmax", {}, 10, {}) == []
+    assert [r.label for r in reference_impls("berrada_smooth", {"k": 2}, 10, {})] == [
+        "ref:SmoothTopKLoss", "ref:SmoothHardTopKLoss"]
+    assert reference_impls("berrada_smooth", {"k": 2, "alpha": 0.5}, 10, {}) == []  # the port fixes alpha = 1
+    assert LOSSES.get("difftopk").extra["reference"].__module__ == "losses.reference_difftopk"
+    engine = Path(__file__).resolve().parents[2] / "harness"
+    assert not (engine / "reference.py").exists()
+    for source in engine.glob("*.py"):
+        text = source.read_text()
+        for word in ("TopKCrossEntropyLoss", "SmoothTopKLoss", "diffsort_method", "import difftopk"):
+            assert word not in text, (source.name, word)

@@ -56,8 +56,11 @@ def test_too_few_samples_are_unreliable():
 
 
 def test_step_timer_cpu_uses_the_clock():
-    timer = StepTimer(torch.device("cpu"), clock=_clock(lambda i: 0.01 * (i + 1)))
+    ticks = iter([0.0, 0.01, 0.03, 0.06, 1.0, 1.5])
+    timer = StepTimer(torch.device("cpu"), clock=lambda: next(ticks))
+    timer.start()
     for _ in range(3):
-        timer.start()
-        timer.stop()
-    assert [round(t, 6) for t in timer.collect()] == [0.01, 0.02, 0.03]
+        timer.lap()
+    timer.start()  # a new epoch: the gap between epochs (evaluation) is not a step
+    timer.lap()
+    assert [round(t, 6) for t in timer.collect()] == [0.01, 0.02, 0.03, 0.5]

@@ -1,0 +1,87 @@
+"""`topk-bench compare` on suite files: the committed synthetic results, and suites with missing runs."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from harness.cli import main
+from harness.store import RunStore
+from harness.suite import load_suite
+
+REPO = Path(__file__).parents[2]
+SECOND = """
+suite: tiny-b
+seeds: [0, 1]
+dataset: {name: synthetic, params: {classes: 10, superclasses: 2, modes: 2, dim: 4,
+                                     train_size: 256, val_size: 128, test_size: 128}}
+model: {name: mlp, params: {hidden: 16}}
+train: {epochs: 2, batch_size: 64}
+eval: {k: [1, 2, 5]}
+losses:
+  - softmax
+  - {name: softmax, params: {label_smoothing: [0.1, 0.2]}}
+resources: {device: cpu, timeout_min: 5}
+"""
+
+
+def test_compare_on_the_committed_synthetic_results(tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", str(REPO / "suites" / "synthetic.yaml"), "--results-dir", str(REPO / "results"),
+                 "--metric", "top1", "--metric", "top5", "--metric", "k99", "--out", str(out)]) == 0
+    md = (out / "compare.md").read_text()
+    assert "135 records used; 0 left out" in md
+    cells = pd.read_csv(out / "cells.csv")
+    assert len(cells) == 45 * 3 and cells["n"].eq(3).all()
+    board = pd.read_csv(REPO / "results" / "synthetic" / "leaderboard-synthetic-mlp.csv")
+    top1 = board.set_index("loss")["top-1 % ↑"].str.split(" ± ").str[0].astype(float)
+    ours = cells[cells["metric"] == "top1"].set_index("loss")["mean"].round(2)
+    assert (ours.loc[top1.index] == top1).all()  # the same numbers as the suite's own leaderboard
+    assert "needs at least 2 problems" in md  # one problem: no rank test, and it says so
+
+
+def _softmax_record() -> dict:
+    for path in sorted((REPO / "tests" / "fixtures" / "compare" / "grid" / "runs").glob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except json.JSONDecodeError:  # the fixture's torn file
+            continue
+        if isinstance(rec, dict) and rec.get("spec", {}).get("loss", {}).get("name") == "softmax":
+            return rec
+    raise AssertionError("no softmax record in the fixture")
+
+
+def _fake_records(suite_path: Path, results: Path, skip: int = -1) -> None:
+    template = _softmax_record()
+    suite = load_suite(suite_path)
+    store = RunStore(results, suite.name)
+    for i, spec in enumerate(suite.runs):
+        if i == skip:
+            continue
+        rec = copy.deepcopy(template)
+        rec.update(run_id=spec.run_id, spec=spec.to_dict())
+        rec["metrics"]["test"]["best_val"]["top1"] = 0.5 + 0.01 * i
+        store.write(rec)
+
+
+def test_compare_two_suites_with_a_missing_run_and_shared_runs(write_suite, tmp_path):
+    a, b = write_suite(), write_suite(SECOND, "second.yaml")
+    c = write_suite(a.read_text().replace("suite: tiny", "suite: tiny-c").split("losses:")[0]
+                    + "losses: [softmax]\nresources: {device: cpu}\n", "third.yaml")
+    results = tmp_path / "results"
+    _fake_records(a, results, skip=3)
+    _fake_records(b, results)
+    _fake_records(c, results)  # the same runs as tiny's softmax row
+    out = tmp_path / "cmp"
+    assert main(["compare", str(a), str(b), str(c), str(a), "--results-dir", str(results), "--out", str(out)]) == 0
+    md = (out / "compare.md").read_text()
+    assert "2 problem(s); 10 records used" in md  # 6 + 4: the incomplete row's record is not used
+    assert "row `softmax[label_smoothing=0.1]` left out: 1 missing of 2 seeds" in md
+    assert "(the same runs also reached through tiny-c: counted once)" in md
+    assert f"`{a}` was given more than once: read once" in md
+    cells = pd.read_csv(out / "cells.csv")
+    missing = cells[(cells["loss"] == "softmax[label_smoothing=0.1]") & cells["problem"].str.startswith("tiny ·")]
+    assert missing["mean"].isna().all() and (missing["missing"] == "1 missing of 2 seeds").all()
+    assert set(cells["problem"]) == {"tiny · synthetic · mlp", "tiny-b · synthetic · mlp"}
