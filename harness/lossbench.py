@@ -50,7 +50,7 @@ from harness.errors import BenchError, RegistryError
 from harness.measure import cap_address_space, forward_backward, status_kb, synchronize, time_interleaved
 from harness.registry import LOSSES, ReferenceImpl
 
-COLUMNS = ["loss", "config", "classes", "batch", "device", "median_ms", "ratio_vs_ce", "peak_mem_mb", "status"]
+COLUMNS = ["loss", "config", "classes", "scale", "batch", "device", "median_ms", "ratio_vs_ce", "peak_mem_mb", "status"]
 CE = "cross_entropy"
 SLOW_PASS_MS = 1000.0
 Config = tuple[str, dict[str, Any]]
@@ -104,6 +104,8 @@ class BenchFile(BaseModel):
     bench: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
     classes: list[int] = Field(default_factory=lambda: [100, 1000], min_length=1)
+    # logit scale: scores ~ N(0, scale²); a list is an axis (trained networks emit logits of scale 5–20)
+    scale: float | list[float] = Field(1.0)
     batch_size: int = Field(128, ge=1)
     threads: int | None = Field(1, ge=1)
     repeats: int = Field(20, ge=1)
@@ -126,6 +128,10 @@ def load_bench_file(path: str | Path) -> tuple[BenchFile, list[Config]]:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"] if p not in ("str", "dict[str,any]"))
         raise BenchError(f"{path}: {key}: {err['msg']}") from None
+    try:
+        scales_of(bench.scale)
+    except BenchError as exc:
+        raise BenchError(f"{path}: {exc}") from None
     configs: list[Config] = []
     for i, item in enumerate(bench.losses):
         where = f"losses[{i}]"
@@ -192,9 +198,19 @@ def _build(kind: str, name: str, params: dict[str, Any], n: int, device: torch.d
     return harness.build_loss(name, n, **params).to(device)
 
 
-def _inputs(n: int, batch: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def scales_of(scale: float | list[float]) -> list[float]:
+    """The scale setting as a list (a list is an axis); every scale must be > 0."""
+    scales = [float(s) for s in (scale if isinstance(scale, list) else [scale])]
+    if not scales or any(not s > 0 for s in scales):
+        raise BenchError(f"scale: every logit scale must be > 0, got {scale!r}")
+    return scales
+
+
+def _inputs(n: int, batch: int, device: torch.device, seed: int = 0,
+            scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores ~ N(0, scale²) [batch, n] with requires_grad, and uniform labels (seeded)."""
     g = torch.Generator().manual_seed(seed)
-    scores = torch.randn(batch, n, generator=g).to(device).requires_grad_()
+    scores = (torch.randn(batch, n, generator=g) * scale).to(device).requires_grad_()
     labels = torch.randint(0, n, (batch,), generator=g).to(device)
     return scores, labels
 
@@ -244,7 +260,7 @@ def _child() -> None:
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     fn = _build(job["kind"], job["name"], job["params"], job["n"], torch.device("cpu"), job["label"], job["options"])
-    scores, labels = _inputs(job["n"], job["batch"], torch.device("cpu"))
+    scores, labels = _inputs(job["n"], job["batch"], torch.device("cpu"), scale=job.get("scale", 1.0))
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = status_kb("VmHWM")
     with contextlib.redirect_stdout(io.StringIO()):
@@ -280,26 +296,27 @@ def _jobs(configs: list[Config], n: int, reference: bool,
 
 def bench_losses(configs: list[Config], classes: list[int], batch_size: int, device: str, threads: int | None,
                  repeats: int, warmup: int, reference: bool = True, memory: bool = True,
-                 torch_sparse_shim: bool = False) -> pd.DataFrame:
-    """Time forward+backward of each config (and CE, and the reference's equivalents) per class count."""
+                 torch_sparse_shim: bool = False, scales: list[float] | None = None) -> pd.DataFrame:
+    """Time forward+backward of each config (and CE, and the reference's equivalents) per class count
+    and logit scale (scores ~ N(0, scale²); ratios to CE measured at the same scale)."""
     dev = torch.device(device)
     if threads and dev.type == "cpu":
         torch.set_num_threads(threads)
     options = {"torch_sparse_shim": torch_sparse_shim}
     rows: list[dict[str, Any]] = []
-    for n in classes:
+    for n, scale in [(n, scale) for n in classes for scale in (scales or [1.0])]:
         timed: list[tuple[dict[str, Any], Callable, tuple, dict[str, Any]]] = []
         for label, cfg, kind, params, fixed in _jobs(configs, n, reference, options):
-            row = {"loss": label, "config": cfg, "classes": n, "batch": batch_size, "device": str(dev),
+            row = {"loss": label, "config": cfg, "classes": n, "scale": scale, "batch": batch_size, "device": str(dev),
                    "median_ms": math.nan, "ratio_vs_ce": math.nan, "peak_mem_mb": math.nan, "status": fixed or "ok"}
             rows.append(row)
             if fixed:
                 continue
             job = {"kind": kind, "name": cfg.partition(":")[0], "params": params, "n": n, "batch": batch_size,
-                   "threads": threads, "label": label, "options": options}
+                   "threads": threads, "label": label, "options": options, "scale": scale}
             try:
                 fn = _build(kind, job["name"], params, n, dev, label, options)
-                inputs = _inputs(n, batch_size, dev)
+                inputs = _inputs(n, batch_size, dev, scale=scale)
                 (first,) = time_interleaved([fn], [inputs], dev, repeats=1, warmup=warmup)
                 if first > SLOW_PASS_MS:  # seconds per pass: time it on its own
                     (row["median_ms"],) = time_interleaved([fn], [inputs], dev, min(repeats, 3), warmup=0)
@@ -319,10 +336,10 @@ def bench_losses(configs: list[Config], classes: list[int], batch_size: int, dev
             if memory:
                 _memory_pass(row, fn, inputs, job, dev)
         del timed
-        ce_ms = next(r["median_ms"] for r in rows if r["classes"] == n and r["loss"] == CE)
-        for r in rows:
-            if r["classes"] == n:
-                r["ratio_vs_ce"] = r["median_ms"] / ce_ms
+        same = [r for r in rows if r["classes"] == n and r["scale"] == scale]
+        ce_ms = next(r["median_ms"] for r in same if r["loss"] == CE)
+        for r in same:
+            r["ratio_vs_ce"] = r["median_ms"] / ce_ms
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -337,9 +354,16 @@ def header(device: str, threads: int | None, batch_size: int, memory_cap_gb: flo
 
 
 def to_markdown(df: pd.DataFrame) -> str:
+    """One table, or one per logit scale (under a heading) when the scale is an axis."""
     from tabulate import tabulate
 
-    return tabulate(df, headers="keys", tablefmt="github", showindex=False, floatfmt=".3g")
+    def table(part: pd.DataFrame) -> str:
+        return tabulate(part, headers="keys", tablefmt="github", showindex=False, floatfmt=".3g")
+
+    if "scale" not in df.columns or df["scale"].nunique() <= 1:
+        return table(df)
+    return "\n\n".join(f"### scores ~ N(0, {scale:g}²)\n\n" + table(df[df["scale"] == scale])
+                        for scale in sorted(df["scale"].unique()))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -348,6 +372,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'name' or 'name:key=value,...' (repeatable)")
     parser.add_argument("--suite", help="bench file (YAML): settings and 'losses:' (see suites/lossbench.yaml)")
     parser.add_argument("--classes", type=int, nargs="+", help="class counts (default 100 1000)")
+    parser.add_argument("--scale", type=float, nargs="+", help="logit scales: scores ~ N(0, scale²) (default 1)")
     parser.add_argument("--batch-size", type=int, help="default 128")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads on CPU (default 1)")
@@ -368,18 +393,20 @@ def run(args: argparse.Namespace) -> int:
     if not configs:
         raise BenchError("bench-loss: give --loss CONFIG (repeatable) or --suite FILE")
     settings = BenchFile(bench="cli", losses=["softmax"]) if bench is None else bench
-    for key in ("classes", "batch_size", "threads", "repeats", "warmup"):
+    for key in ("classes", "scale", "batch_size", "threads", "repeats", "warmup"):
         if getattr(args, key) is None:
             setattr(args, key, getattr(settings, key))
     for key, low in (("batch_size", 1), ("threads", 1), ("repeats", 1), ("warmup", 0)):
         value = getattr(args, key)
         if value is not None and value < low:
             raise BenchError(f"bench-loss: --{key.replace('_', '-')} must be at least {low}, got {value}")
+    scales = scales_of(args.scale)
     validate_configs(configs, args.classes)
     cap = cap_address_space(args.memory_limit_gb) if torch.device(args.device).type == "cpu" else None
     df = bench_losses(configs, args.classes, args.batch_size, args.device, args.threads, args.repeats,
                       args.warmup, reference=settings.reference and not args.no_reference,
-                      memory=not args.no_memory, torch_sparse_shim=settings.torch_sparse_shim or args.torch_sparse_shim)
+                      memory=not args.no_memory, torch_sparse_shim=settings.torch_sparse_shim or args.torch_sparse_shim,
+                      scales=scales)
     title = f"# bench-loss: {bench.bench}\n\n{bench.description.strip()}\n\n" if bench else ""
     text = title + header(args.device, args.threads, args.batch_size, cap) + "\n\n" + to_markdown(df) + "\n"
     print(text)

@@ -1,135 +1,205 @@
-"""Sinkhorn sort (Cuturi, Teboul & Vert 2019), top-K rows only, log-domain, implicit gradient.
+"""Entropic OT onto a few anchors, solved to tolerance at any ε; Sinkhorn sort (Cuturi, Teboul & Vert 2019).
 
 Not part of the released difftopk code; built here as follows.
 
-* Inputs are standardised per row and squashed, ``z = (n−1)·sigmoid((s − mean)/std)`` ∈ (0, n−1).
-* Source measure: the n classes, mass 1/n each. Target measure: the K top rank anchors
+* ``sinkhorn_topk``: inputs are standardised per row and squashed, ``z = (n−1)·sigmoid((s − mean)/std)``
+  ∈ (0, n−1). Source measure: the n classes, mass 1/n each. Target measure: the K top rank anchors
   n−K, …, n−1 with mass 1/n each, plus one "rest" anchor at (n−K−1)/2 (the barycentre of ranks
-  0..n−K−1) with mass (n−K)/n; when K ≥ n−1, a full sort onto the anchors 0..n−1.
-* Cost C = squared distance (in rank units); entropic regularisation ε = 1/inverse_temperature,
-  by default ε = n, which converges to 1e-4 in ~20 sweeps for n = 16 (use it with top-m
-  preselection); for n ≳ 100 the sweeps converge slowly (hundreds), and a warning says when
-  `iterations` ran out before `tolerance` was met (the gradient is then approximate). In 1-D a convex
-  cost makes the unregularised plan the monotone (sorting) one, so as ε → 0 the top-K rows of
-  P = n·π tend to the hard top-K permutation rows.
-* Sinkhorn sweeps with ε-scaling (one sweep per stage from the cost range down to ε, ÷4 per stage),
-  then over-relaxed sweeps at ε (ω = 1.5: same fixed point, faster convergence): on the scalings
-  (u, v) with the kernel e^{−C/ε} (two batched mat-vecs a sweep) when the kernel cannot underflow
-  (cost range ≤ 60 ε), else in the log domain. Every 5 sweeps the class marginal is checked: stop when
-  every row of P sums to 1 within `tolerance` (0: run all `iterations`); the anchor marginal
-  (columns) is exact after the final half-step.
-* Gradient: implicit differentiation at the fixed point (no unrolled sweeps are kept), exact when
-  the sweeps converged. With W = G∘π/ε for the output gradient G, solve for potentials (u, w)
-  ``a_i u_i + Σ_j π_ij w_j = Σ_j W_ij``, ``Σ_i π_ij u_i + b_j w_j = Σ_i W_ij`` (via the K+1 × K+1
-  Schur complement, one potential pinned: the system is singular along u = c, w = −c), then
+  0..n−K−1) with mass (n−K)/n; when K ≥ n−1, a full sort onto the anchors 0..n−1. Cost C = squared
+  distance (in rank units); ε = 1/inverse_temperature, by default ε = n. In 1-D a convex cost makes the
+  unregularised plan the monotone (sorting) one, so as ε → 0 the top-K rows of P = n·π tend to the
+  hard top-K permutation rows.
+* Solver (``entropic_plan``, shared with ``soft_topk``): ascent on the *semi-dual* — concave in the
+  r anchor potentials g (r = K+1 here), the class potentials eliminated in closed form, so the class
+  marginal is exact at every step and the anchor marginal c(g) is the residual. Each step is a
+  Sinkhorn update g += ε·log(b/c) followed by a damped Newton (Levenberg–Marquardt) step, kept per
+  sample only where it raises the semi-dual (or, within rounding of it, brings the marginals closer).
+  Log-domain throughout (softmax over the anchors), float64 whatever the input dtype, masses
+  renormalised in float64. Start: the potentials of the ε → 0 problem (``hard_potentials``: in 1-D
+  with a squared cost, sorted points fill the ascending anchors), or 0, whichever is better per sample;
+  without a start, ε-scaling from the cost range (÷ 8 per stage). Plain Sinkhorn needs O(C/ε) sweeps
+  (20,000 leave 1e−5 marginal errors at ε = 1/16 in rank units); this takes a few steps at any ε.
+  On the CPU the same steps run compiled per sample (``losses.difftopk.semidual``, numba); the torch
+  version (``_newton_stage``, batched) serves other devices.
+* Convergence: every anchor's mass within ``tolerance`` (relative) of its target. A solve that does
+  not get there within ``iterations`` Newton steps raises ``SinkhornNotConverged`` (a run is then
+  recorded ``failed`` with this reason) rather than training on with a wrong gradient.
+* Gradient: implicit differentiation at the optimum (exact when converged; no unrolled steps kept).
+  With W = G∘π/ε for the output gradient G, solve for potentials (u, w)
+  ``a_i u_i + Σ_j π_ij w_j = Σ_j W_ij``, ``Σ_i π_ij u_i + b_j w_j = Σ_i W_ij`` (via the r × r Schur
+  complement, one potential pinned: the system is singular along u = c, w = −c), then
   ``dL/dC_ij = π_ij (u_i + w_j) − W_ij``.
 """
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 
-log = logging.getLogger(__name__)
-OVERRELAXATION = 1.5
-_WARNED: set[tuple[int, float]] = set()  # (n, eps) already reported as not converging
+from losses.difftopk.semidual import solve_semi_dual, solve_systems
+
+STAGE_FACTOR = 8.0  # ε-scaling: ε divided by this per stage
+STAGE_TOLERANCE = 1e-2  # anchor-marginal tolerance of the intermediate stages
 
 
-def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """log Σ exp along `dim` (keepdim) for finite x: torch.logsumexp's ±inf handling costs two extra
-    kernels per call, which is most of a sweep at small n."""
-    top = x.amax(dim, keepdim=True)
-    return x.sub_(top).exp_().sum(dim, keepdim=True).log_().add_(top)
+class SinkhornNotConverged(RuntimeError):
+    """The entropic OT solve did not reach its tolerance within its iteration budget."""
 
 
-_SCALING_MAX_RATIO = 60.0  # exp(−C/ε) stays far above float32's smallest normal number (1e-38)
-_CHECK_EVERY = 5  # sweeps between convergence checks (each check synchronises with the host)
+def _semi_dual(g: torch.Tensor, neg_c: torch.Tensor, b: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
+    """(value, σ = softmax over anchors [B, n, r], anchor marginal c [B, r]) of the semi-dual at g [B, r]."""
+    logits = neg_c + g.unsqueeze(1) / eps
+    lse = torch.logsumexp(logits, dim=2)  # [B, n]
+    sigma = torch.exp(logits - lse.unsqueeze(2))
+    value = (b * g).sum(1) - eps * lse.mean(1)
+    return value, sigma, sigma.mean(1)
 
 
-def _log_sweeps(neg_c: torch.Tensor, f: torch.Tensor, g: torch.Tensor, log_b: torch.Tensor, sweeps: int,
-                tolerance: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Over-relaxed log-domain sweeps (any ε). Returns (f, g, row-marginal error or inf if unchecked)."""
-    log_a = -math.log(neg_c.shape[1])
-    error = math.inf
-    for sweep in range(sweeps):
-        f_new = log_a - _logsumexp(neg_c + g, dim=2)
-        if tolerance > 0 and ((sweep + 1) % _CHECK_EVERY == 0 or sweep + 1 == sweeps):
-            error = float((f - f_new).exp_().sub_(1).abs_().amax())  # rows of the current plan vs 1/n
-            if error < tolerance:
+def _newton_stage(cost: torch.Tensor, g: torch.Tensor, b: torch.Tensor, eps: float, tol: float,
+                  budget: int, step_cap: float) -> tuple[torch.Tensor, float, int]:
+    """Steps at one ε until every anchor marginal is within tol. Returns (g, error, steps).
+
+    A step is a Sinkhorn update of the anchor potentials, g += ε·log(b/c) (monotone ascent of the
+    semi-dual; fast when the anchors are weakly coupled, i.e. small ε), then a damped Newton
+    (Levenberg–Marquardt) step from there, (M + μ·diag c)·Δ = ε(b − c), kept per sample where it raises
+    the semi-dual (μ ÷ 4 then) and retried with μ × 16 where it does not (up to 4 tries). The damping
+    matters when groups of anchors are nearly decoupled (small ε): the plain Newton step along that
+    near-null direction of the Hessian overshoots by orders of magnitude.
+    """
+    n = cost.shape[1]
+    neg_c = cost / -eps
+    log_b = b.log()
+    value, sigma, c = _semi_dual(g, neg_c, b, eps)
+    error, steps = float(((c - b).abs() / b).amax()), 0
+    mu = torch.full_like(value, 1e-6)
+    while error > tol and steps < budget:
+        steps += 1
+        g = g + eps * (log_b - c.clamp_min(1e-300).log())  # Sinkhorn half-step on the anchors
+        value, sigma, c = _semi_dual(g, neg_c, b, eps)
+        grad = b - c  # ascent direction of the semi-dual
+        # −ε × Hessian = diag(c) − σᵀσ/n, a graph Laplacian (kernel = 1): built from its off-diagonal
+        # weights (diagonal = their row sums), which avoids cancelling c_j against Σσ²/n at small ε
+        weights = sigma.transpose(1, 2) @ sigma / n
+        weights.diagonal(dim1=1, dim2=2).zero_()
+        hess = torch.diag_embed(weights.sum(2)) - weights
+        todo = torch.ones_like(value, dtype=torch.bool)
+        for _ in range(4):
+            damped = hess + torch.diag_embed(mu.unsqueeze(1) * c.clamp_min(1e-300))
+            delta, info = torch.linalg.solve_ex(damped, eps * grad)
+            delta = torch.where((info == 0).unsqueeze(1), delta, 0.0).nan_to_num(0.0, 0.0, 0.0)
+            size = delta.abs().amax(1, keepdim=True)
+            delta = delta * (step_cap / size.clamp_min(step_cap))
+            trial, t_sigma, t_c = _semi_dual(g + delta, neg_c, b, eps)
+            # near the optimum the semi-dual moves by less than its rounding: then the marginals decide
+            flat = trial >= value - 1e-14 * value.abs().clamp_min(1.0)
+            closer = ((t_c - b).abs() / b).amax(1) < ((c - b).abs() / b).amax(1)
+            better = todo & ((trial > value) | (flat & closer))
+            g = torch.where(better.unsqueeze(1), g + delta, g)
+            value = torch.where(better, trial, value)
+            sigma = torch.where(better.view(-1, 1, 1), t_sigma, sigma)
+            c = torch.where(better.unsqueeze(1), t_c, c)
+            mu = torch.where(better, (mu / 4).clamp_min(1e-12), torch.where(todo, mu * 16, mu))
+            todo = todo & ~better
+            if not bool(todo.any()):
                 break
-        f = torch.lerp(f, f_new, OVERRELAXATION)
-        g = log_b - _logsumexp(neg_c + f, dim=1)
-    return f, g, error
+        error = float(((c - b).abs() / b).amax())
+    return g, error, steps
 
 
-def _scaling_sweeps(neg_c: torch.Tensor, f: torch.Tensor, g: torch.Tensor, log_b: torch.Tensor, sweeps: int,
-                    tolerance: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Over-relaxed sweeps on the scalings u = e^f, v = e^g with a fixed kernel K = e^(−C/ε): two
-    batched mat-vecs per sweep instead of two log-sum-exps, valid when K cannot underflow."""
-    kernel, kernel_t = neg_c.exp(), neg_c.exp().transpose(1, 2)
-    a, b = 1.0 / neg_c.shape[1], log_b.exp().transpose(1, 2)  # b: [1, r, 1]
-    u, v = f.exp(), g.exp().transpose(1, 2)  # [B, n, 1], [B, r, 1]
-    error = math.inf
-    for sweep in range(sweeps):
-        u_new = a / torch.bmm(kernel, v)
-        if tolerance > 0 and ((sweep + 1) % _CHECK_EVERY == 0 or sweep + 1 == sweeps):
-            error = float((u / u_new).sub_(1).abs_().amax())  # rows of the current plan vs 1/n
-            if error < tolerance:
-                break
-        u = u * (u_new / u).pow_(OVERRELAXATION)  # over-relaxed: e^{f + ω (f_new − f)}
-        v = b / torch.bmm(kernel_t, u)
-    return u.log(), v.log().transpose(1, 2), error
-
-
-class _SinkhornPlan(torch.autograd.Function):
-    """C [B, n, r] -> the converged entropic plan π [B, n, r] between uniform classes and the anchors."""
+class _EntropicPlan(torch.autograd.Function):
+    """C [B, n, r] -> the entropic plan π [B, n, r] between n classes of mass 1/n and anchors of mass b."""
 
     @staticmethod
-    def forward(ctx, cost, log_b, eps: float, iterations: int, tolerance: float):  # type: ignore[override]
-        batch, n, r = cost.shape
-        f = cost.new_zeros(batch, n, 1)  # potentials divided by the current epsilon
-        g = cost.new_zeros(batch, 1, r)
-        cost_range = max(float(cost.detach().amax()), eps)
-        stages = []
-        while cost_range / 4 ** len(stages) > eps and len(stages) < iterations - 1:
-            stages.append(cost_range / 4 ** len(stages))  # ε-scaling: one sweep per stage
-        previous, done, error = (stages or [eps])[0], 0, math.inf
-        for e in stages + [eps]:
-            f, g, previous = f * (previous / e), g * (previous / e), e
-            sweeps = 1 if e != eps else iterations - done
-            sweep_fn = _scaling_sweeps if cost_range / e <= _SCALING_MAX_RATIO else _log_sweeps
-            f, g, error = sweep_fn(cost / -e, f, g, log_b, sweeps, tolerance if e == eps else 0.0)
-            done += sweeps
-        if tolerance > 0 and error >= tolerance and (n, eps) not in _WARNED:
-            _WARNED.add((n, eps))
-            log.warning("Sinkhorn (n=%d, eps=%g) not converged after %d sweeps: row sums off by %.2g > %g; "
-                        "its gradient is approximate (raise sinkhorn_iterations or eps)",
-                        n, eps, iterations, error, tolerance)
-        plan = torch.exp(cost / -eps + f + g)
-        ctx.save_for_backward(plan, log_b)
+    def forward(ctx, cost, log_b, eps: float, iterations: int, tolerance: float, init):  # type: ignore[override]
+        c64 = cost.detach().double()
+        b = log_b.detach().double().exp().reshape(1, -1)
+        b = (b / b.sum()).expand(c64.shape[0], -1)  # masses given in float32 sum to 1 ± 1e−7 only
+        cost_range = max(float(c64.amax() - c64.amin()), 1e-12)
+        g = c64.new_zeros(c64.shape[0], c64.shape[2])
+        stages = [eps]
+        if init is not None and c64.device.type == "cpu":  # the compiled solver picks it or 0 per sample
+            g = init.detach().double().clone()
+        elif init is not None:  # start from the better (per sample) of 0 and the given potentials
+            g0 = init.detach().double()
+            better = _semi_dual(g0, c64 / -eps, b, eps)[0] > _semi_dual(g, c64 / -eps, b, eps)[0]
+            g = torch.where(better.unsqueeze(1), g0, g)
+        else:
+            while stages[-1] * STAGE_FACTOR < cost_range:
+                stages.append(stages[-1] * STAGE_FACTOR)
+        order = list(reversed(stages))
+        tols = [tolerance if e == eps else max(tolerance, STAGE_TOLERANCE) for e in order]
+        if c64.device.type == "cpu":  # compiled, every sample to its own tolerance
+            g_np, errors, _steps = solve_semi_dual(c64.numpy(), b[0].numpy(), order, tols, g.numpy(), iterations,
+                                                   2 * cost_range)
+            g, error = torch.from_numpy(g_np), float(errors.max())
+        else:
+            used, error = 0, math.inf
+            for e, tol in zip(order, tols):
+                g, error, steps = _newton_stage(c64, g, b, e, tol, iterations - used, 2 * cost_range)
+                used += steps
+        if error > tolerance:
+            raise SinkhornNotConverged(
+                f"entropic OT (n={c64.shape[1]}, anchors={c64.shape[2]}, eps={eps:g}) not converged in "
+                f"{iterations} Newton steps: anchor marginals off by {error:.2g} > tolerance {tolerance:g}")
+        # anchors-major [B, r, n] layout: reductions over the few anchors along a short innermost
+        # dimension are several times slower in torch than along a middle one
+        logits = (c64.transpose(1, 2) / -eps + g.unsqueeze(2) / eps).contiguous()
+        plan_t = torch.softmax(logits, dim=1) / c64.shape[1]  # [B, r, n]
+        ctx.save_for_backward(plan_t, b[:1].log())
         ctx.eps = eps
-        return plan
+        return plan_t.to(cost.dtype).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_plan):  # type: ignore[override]
-        plan, log_b = ctx.saved_tensors
-        pi = plan.double()
-        n = pi.shape[1]
+        pi, log_b = ctx.saved_tensors  # pi: [B, r, n]
+        n = pi.shape[2]
         a, b = 1.0 / n, log_b.double().exp().view(1, -1)
-        weighted = grad_plan.double() * pi / ctx.eps
-        row, col = weighted.sum(2), weighted.sum(1)  # [B, n], [B, r]
-        schur = torch.diag_embed(b.expand_as(col)) - pi.transpose(1, 2) @ pi / a  # [B, r, r]
-        rhs = col - (pi.transpose(1, 2) @ (row / a).unsqueeze(2)).squeeze(2)
+        weighted = grad_plan.double().transpose(1, 2) * pi / ctx.eps  # [B, r, n]
+        row, col = weighted.sum(1), weighted.sum(2)  # [B, n], [B, r]
+        schur = torch.diag_embed(b.expand_as(col)) - pi @ pi.transpose(1, 2) / a  # [B, r, r]
+        rhs = col - (pi @ (row / a).unsqueeze(2)).squeeze(2)
         w = torch.zeros_like(col)
-        w[:, :-1] = torch.linalg.solve(schur[:, :-1, :-1], rhs[:, :-1])
-        u = (row - (pi @ w.unsqueeze(2)).squeeze(2)) / a
-        grad_cost = pi * (u.unsqueeze(2) + w.unsqueeze(1)) - weighted
-        return grad_cost.to(plan.dtype), None, None, None, None
+        if pi.device.type == "cpu":  # many tiny systems: compiled elimination beats batched LAPACK calls
+            w[:, :-1] = torch.from_numpy(solve_systems(schur[:, :-1, :-1].numpy(), rhs[:, :-1].numpy()))
+        else:
+            w[:, :-1] = torch.linalg.solve(schur[:, :-1, :-1], rhs[:, :-1])
+        u = (row - (w.unsqueeze(1) @ pi).squeeze(1)) / a
+        grad_cost = pi * (u.unsqueeze(1) + w.unsqueeze(2)) - weighted
+        return grad_cost.transpose(1, 2).to(grad_plan.dtype), None, None, None, None, None
 
 
-def sinkhorn_topk(s: torch.Tensor, k: int, inverse_temperature: float, iterations: int = 50,
-                  tolerance: float = 1e-4) -> torch.Tensor:
+def entropic_plan(cost: torch.Tensor, log_b: torch.Tensor, eps: float, iterations: int = 100,
+                  tolerance: float = 1e-6, init: torch.Tensor | None = None) -> torch.Tensor:
+    """argmin_{π ∈ U(1/n, b)} ⟨C, π⟩ − ε H(π) for cost [B, n, r] and anchor log-masses log_b [r] (Σ b = 1).
+
+    ``init``: starting anchor potentials [B, r] (e.g. ``hard_potentials``); without it, ε-scaling from
+    the cost range down to ε.
+    """
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    return _EntropicPlan.apply(cost, log_b.reshape(-1), float(eps), int(iterations), float(tolerance), init)
+
+
+def hard_potentials(x: torch.Tensor, anchors: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Anchor potentials [B, r] of the unregularised 1-D OT with squared cost (the ε → 0 limit).
+
+    Points x [B, n] of mass 1/n fill the ascending anchors in order (cumulative masses b); the boundary
+    between anchors j and j+1 is put midway between the last point of j and the first of j+1, and the
+    potentials make those boundaries indifferent: g_{j+1} − g_j = −(a_{j+1} − a_j)(2x_b − a_j − a_{j+1}).
+    """
+    n = x.shape[1]
+    xs = x.detach().sort(dim=1).values
+    cut = (b.detach().cumsum(0)[:-1] * n).clamp(1, n - 1)  # points before each boundary
+    lo = xs[:, (cut.ceil() - 1).long()]
+    hi = xs[:, cut.floor().long()]
+    boundary = 0.5 * (lo + hi)  # [B, r−1]
+    a = anchors.detach()  # [r] or [B, r]
+    steps = -(a[..., 1:] - a[..., :-1]) * (2 * boundary - a[..., :-1] - a[..., 1:])
+    return torch.cat([torch.zeros_like(steps[:, :1]), steps.cumsum(1)], 1)
+
+
+def sinkhorn_topk(s: torch.Tensor, k: int, inverse_temperature: float, iterations: int = 100,
+                  tolerance: float = 1e-6) -> torch.Tensor:
     """Top-K rows of the Sinkhorn-relaxed permutation, ``[B, K, n]`` (ascending ranks n−K..n−1)."""
     batch, n = s.shape
     dt, dev = s.dtype, s.device
@@ -147,5 +217,6 @@ def sinkhorn_topk(s: torch.Tensor, k: int, inverse_temperature: float, iteration
                            torch.full((k,), -math.log(n), device=dev, dtype=dt)])
         first = 1
     cost = (z.unsqueeze(-1) - anchors.view(1, 1, -1)).pow(2)  # [B, n, r]
-    plan = _SinkhornPlan.apply(cost, log_b.view(1, 1, -1), 1 / inverse_temperature, iterations, tolerance)
+    init = hard_potentials(z, anchors, log_b.exp())
+    plan = entropic_plan(cost, log_b, 1 / inverse_temperature, iterations, tolerance, init)
     return (plan * n)[..., first:].transpose(1, 2)

@@ -69,8 +69,8 @@ def test_config_over_the_memory_cap_is_oom_not_a_crash(tmp_path):
          "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     table = out.with_suffix(".csv").read_text()
-    assert "ref:TopKCrossEntropyLoss[neuralsort],difftopk:sorter=neuralsort,1000,256,cpu,,,,oom" in table
-    assert "\ndifftopk,difftopk:sorter=neuralsort,1000,256,cpu," in table and ",ok\n" in table
+    assert "ref:TopKCrossEntropyLoss[neuralsort],difftopk:sorter=neuralsort,1000,1.0,256,cpu,,,,oom" in table
+    assert "\ndifftopk,difftopk:sorter=neuralsort,1000,1.0,256,cpu," in table and ",ok\n" in table
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -103,3 +103,21 @@ def test_reference_rows_come_from_the_loss_registration():
         text = source.read_text()
         for word in ("TopKCrossEntropyLoss", "SmoothTopKLoss", "diffsort_method", "import difftopk"):
             assert word not in text, (source.name, word)
+
+
+def test_scale_axis_rows_inputs_and_tables(tmp_path):
+    from harness.lossbench import _inputs, to_markdown
+
+    scores, _ = _inputs(2000, 64, __import__("torch").device("cpu"), scale=30.0)
+    assert 29 < scores.std().item() < 31
+    df = bench_losses([("lapsum", {"m": 8})], [20], 8, "cpu", 1, repeats=1, warmup=0, memory=False, scales=[1.0, 30.0])
+    assert df.scale.tolist() == [1.0, 1.0, 30.0, 30.0] and (df.status == "ok").all()
+    assert df[df.loss == "cross_entropy"].ratio_vs_ce.tolist() == [1.0, 1.0]  # CE of the same scale
+    text = to_markdown(df)
+    assert "### scores ~ N(0, 1²)" in text and "### scores ~ N(0, 30²)" in text
+    path = tmp_path / "b.yaml"
+    path.write_text("bench: b\nclasses: [20]\nscale: [1, 3]\nlosses:\n  - softmax\n")
+    assert load_bench_file(path)[0].scale == [1.0, 3.0]
+    path.write_text("bench: b\nclasses: [20]\nscale: [1, 0]\nlosses:\n  - softmax\n")
+    with pytest.raises(BenchError, match="scale"):
+        load_bench_file(path)

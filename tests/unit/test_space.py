@@ -68,3 +68,5 @@ def test_every_builtin_hint_is_a_valid_range_of_its_parameter():
     assert "epsilon" in hinted["noised_topk"]
     assert {"start", "end", "lambda_value", "adaptive_target"} <= set(hinted["topk_transition"])
     assert {"inverse_temperature", "art_lambda"} <= set(hinted["difftopk"])
+    assert hinted["lapsum"] == ["alpha"] and hinted["lml"] == ["tau"]
+    assert hinted["soft_rank"] == hinted["soft_topk"] == hinted["sparse_topk"] == ["epsilon"]
