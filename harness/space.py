@@ -12,8 +12,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 SIGNIFICANT = 4  # sampled floats are rounded to this many significant digits (readable labels, stable ids)
 
 
@@ -51,6 +49,8 @@ class _Range:
 
     def grid(self, n: int, integer: bool) -> list[Any]:
         """`n` evenly spaced points (geometrically for Log), for the grid sampler."""
+        import numpy as np  # lazily: `topk-bench --help` imports the registry, and must stay light
+
         pts = (np.geomspace if self.log else np.linspace)(self.low, self.high, max(n, 2))
         if integer:
             return sorted({int(round(p)) for p in pts})
