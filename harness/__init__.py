@@ -7,6 +7,9 @@ __version__ = "0.1.0"  # the one place the version is written (pyproject.toml re
 
 from harness.registry import (  # noqa: E402
     DATASETS,
+    Choice,
+    Linear,
+    Log,
     LOSSES,
     MODELS,
     Entry,
@@ -20,7 +23,8 @@ from harness.registry import (  # noqa: E402
 )
 
 __all__ = [
-    "DATASETS", "LOSSES", "MODELS", "Entry", "Param", "ReferenceImpl", "RegistryError", "TrainingProgress",
+    "DATASETS", "LOSSES", "MODELS", "Choice", "Entry", "Linear", "Log", "Param", "ReferenceImpl", "RegistryError",
+    "TrainingProgress",
     "build_loss", "list_losses", "register_dataset", "register_loss", "register_model",
 ]
 

@@ -100,6 +100,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     suite, store = _suite_and_store(args)
+    if suite.tune is not None:  # trials and selected configurations (harness/tune_cli.py)
+        from harness import tune_cli
+
+        return tune_cli.dry_run(suite, store)
     plan = _plan(suite, store)
     print(tabulate(plan, headers=["run_id", "loss", "dataset", "model", "seed", "status"], tablefmt="simple"))
     print("\n" + ", ".join(f"{n} {s}" for s, n in Counter(p[-1] for p in plan).most_common()))
@@ -134,6 +138,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         check_device_available(device, "--device" if args.device else f"{suite.path}: resources.device")
         check_model_memory(suite, device)
+    if suite.tune is not None:  # trials first, then the selected configurations (harness/tune_cli.py)
+        from harness import tune_cli
+
+        return tune_cli.run(args, suite, store)
     store.check_writable()
     store.sweep_temp_files()
     todo = [s for s in suite.runs if args.force or store.status(s.run_id) != "done"]

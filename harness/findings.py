@@ -1,72 +1,91 @@
 """What a leaderboard shows, in sentences generated from its numbers (never typed by hand).
 
-For each metric: the best loss, and which losses differ from the softmax baseline by more than seed
-noise — Welch's t-test on the per-seed values, two-sided, p < 0.05, no correction for the number
-of comparisons (so with many losses expect the odd false positive; the p-values are printed).
-Rows with missing or failed seeds are never compared.
+For each metric: the best row, and which rows differ from the suite's baseline (`eval.baseline`)
+beyond seed noise. Rows run on the same seeds are compared with a paired t-test, others with
+Welch's; every difference carries a 95 % confidence interval; the p-values of all comparisons in
+one table are Holm–Bonferroni adjusted and a difference is listed when the adjusted p < `alpha`.
+Below `min_seeds` seeds no significance claim is made. Rows with missing or failed seeds are never
+compared. See harness/stats.py.
 """
 from __future__ import annotations
 
-import math
-import warnings
+from dataclasses import dataclass
 
-import numpy as np
-from scipy import stats
+import pandas as pd
 
+from harness import stats
 from harness.leaderboard import Board, Column
 
-BASELINE = "softmax"
 ALPHA = 0.05
-MAX_LISTED = 6  # per metric and direction; the table has the rest
+MAX_LISTED = 6  # per metric and direction; the comparison table has the rest
 
 
-def welch_p(a: np.ndarray, b: np.ndarray) -> float:
-    """Two-sided p-value of Welch's t-test; 1.0 when it is undefined (fewer than 2 seeds, no spread)."""
-    if len(a) < 2 or len(b) < 2:
-        return 1.0
-    if np.ptp(a) == 0 and np.ptp(b) == 0:  # e.g. the same integer k@99 on every seed
-        return 1.0 if a[0] == b[0] else 0.0
-    with warnings.catch_warnings():  # nearly identical seeds: scipy warns, the p-value is still right
-        warnings.simplefilter("ignore", RuntimeWarning)
-        p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    return 1.0 if math.isnan(p) else p
+@dataclass(frozen=True)
+class Settings:
+    """The suite's comparison settings (`eval.baseline`, `eval.min_seeds`)."""
+
+    baseline: str = "softmax"
+    min_seeds: int = 3
+    alpha: float = ALPHA
 
 
-def _fmt(values: np.ndarray, digits: int) -> str:
+def baseline_row(board: Board, baseline: str) -> str | None:
+    """The row label that `baseline` names: the label itself, or the only complete row of that loss name."""
+    if baseline in board.values:
+        return baseline
+    same_name = [label for label in board.values if label.split("[", 1)[0] == baseline]
+    return same_name[0] if len(same_name) == 1 else None
+
+
+def _metric_columns(board: Board) -> list[Column]:
+    return [c for c in board.columns if c.key.startswith("top") or c.key == "k99"]
+
+
+def comparisons(board: Board, settings: Settings) -> dict[tuple[str, str], stats.Comparison]:
+    """(column key, row label) -> the row's comparison with the baseline, Holm-adjusted over the table."""
+    base = baseline_row(board, settings.baseline)
+    if base is None:
+        return {}
+    keys, raw = [], []
+    for col in _metric_columns(board):
+        if col.key not in board.values[base]:
+            continue
+        for label, vals in board.values.items():
+            if label == base or col.key not in vals:
+                continue
+            keys.append((col.key, label))
+            raw.append(stats.compare(vals[col.key], board.seeds.get(label, []), board.values[base][col.key],
+                                     board.seeds.get(base, []), settings.min_seeds))
+    return dict(zip(keys, stats.holm(raw)))
+
+
+def comparison_table(board: Board, settings: Settings, column: str) -> pd.DataFrame:
+    """Every row against the baseline for one metric: difference, 95 % CI, test, p and Holm-adjusted p."""
+    col = next(c for c in board.columns if c.key == column)
+    rows = []
+    for (key, label), c in comparisons(board, settings).items():
+        if key != column:
+            continue
+        rows.append({
+            "loss": label, f"Δ {col.title}": f"{c.diff:+.{col.digits}f}",
+            "95 % CI": f"[{c.ci_low:+.{col.digits}f}, {c.ci_high:+.{col.digits}f}]" if c.n_a > 1 else "—",
+            "test": c.test + (f" ({c.note})" if c.note else ""),
+            "p": "—" if c.p is None else stats.format_p(c.p),
+            "p (Holm)": "—" if c.p_adj is None else stats.format_p(c.p_adj),
+        })
+    return pd.DataFrame(rows)
+
+
+def _fmt(values, digits: int) -> str:
     return f"{values.mean():.{digits}f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.{digits}f}"
 
 
-def _metric_line(board: Board, col: Column) -> tuple[str, set[str], set[str]]:
-    """One bullet for a metric, and the labels significantly better / worse than the baseline."""
-    rows = {label: v[col.key] for label, v in board.values.items() if col.key in v}
-    sign = 1 if col.higher_is_better else -1
-    best = max(rows, key=lambda label: sign * rows[label].mean())
-    line = f"- **{col.title}**: best `{best}` {_fmt(rows[best], col.digits)}"
-    better, worse = set(), set()
-    base = rows.get(BASELINE)
-    if base is None:
-        return line + f" (no complete `{BASELINE}` row to compare with)", better, worse
-    if best != BASELINE:
-        line += f"; `{BASELINE}` {_fmt(base, col.digits)}"
-    diffs = []
-    for label, vals in rows.items():
-        if label == BASELINE:
-            continue
-        p = welch_p(vals, base)
-        if p < ALPHA:
-            delta = vals.mean() - base.mean()
-            (better if sign * delta > 0 else worse).add(label)
-            evidence = f"p={p:.2g}" if p > 0 else "the same on every seed"
-            diffs.append((sign * delta, f"`{label}` {delta:+.{col.digits}f} ({evidence})"))
-    if not diffs:
-        return line + f"; no loss differs from `{BASELINE}` beyond seed noise", better, worse
-    ups = [text for gain, text in sorted(diffs, reverse=True) if gain > 0]
-    downs = [text for gain, text in sorted(diffs) if gain < 0]
-    if ups:
-        line += f"; better than `{BASELINE}`: " + _listing(ups)
-    if downs:
-        line += "; worse: " + _listing(downs)
-    return line, better, worse
+def _describe(label: str, c: stats.Comparison, digits: int) -> str:
+    ci = f"[{c.ci_low:+.{digits}f}, {c.ci_high:+.{digits}f}]"
+    evidence = f"{c.test}, Holm p={stats.format_p(c.p_adj)}"
+    if c.note:
+        evidence = f"{c.note}; {evidence}"
+    return f"`{label}` {c.diff:+.{digits}f} {ci} ({evidence})"
 
 
 def _listing(items: list[str], most: int = MAX_LISTED) -> str:
@@ -75,14 +94,53 @@ def _listing(items: list[str], most: int = MAX_LISTED) -> str:
     return ", ".join(items[:most]) + more
 
 
-def board_findings(board: Board) -> list[str]:
+def _metric_line(board: Board, col: Column, base: str | None, comps: dict, settings: Settings
+                 ) -> tuple[str, set[str], set[str]]:
+    """One bullet for a metric, and the labels significantly better / worse than the baseline."""
+    rows = {label: v[col.key] for label, v in board.values.items() if col.key in v}
+    sign = 1 if col.higher_is_better else -1
+    best = max(rows, key=lambda label: sign * rows[label].mean())
+    line = f"- **{col.title}**: best `{best}` {_fmt(rows[best], col.digits)}"
+    better: set[str] = set()
+    worse: set[str] = set()
+    if base is None or base not in rows:
+        return line + f" (no complete `{settings.baseline}` row to compare with)", better, worse
+    if best != base:
+        line += f"; `{base}` {_fmt(rows[base], col.digits)}"
+    mine = {label: c for (key, label), c in comps.items() if key == col.key}
+    if mine and not any(c.claim_allowed for c in mine.values()):
+        return line + f"; fewer than {settings.min_seeds} seeds: no significance claim", better, worse
+    diffs = []
+    for label, c in mine.items():
+        if c.p_adj is not None and c.p_adj < settings.alpha and c.diff != 0:
+            (better if sign * c.diff > 0 else worse).add(label)
+            diffs.append((sign * c.diff, _describe(label, c, col.digits)))
+    if not mine:
+        return line + "; no other complete row to compare with", better, worse
+    if not diffs:
+        smallest = min((c.p_adj for c in mine.values() if c.p_adj is not None), default=1.0)
+        return (line + f"; no difference from `{base}` survives Holm's correction over the table "
+                f"(smallest adjusted p = {stats.format_p(smallest)})"), better, worse
+    ups = [text for gain, text in sorted(diffs, reverse=True) if gain > 0]
+    downs = [text for gain, text in sorted(diffs) if gain < 0]
+    if ups:
+        line += f"; better than `{base}`: " + _listing(ups)
+    if downs:
+        line += "; worse: " + _listing(downs)
+    return line, better, worse
+
+
+def board_findings(board: Board, settings: Settings | None = None) -> list[str]:
     """Markdown bullets for one leaderboard."""
-    cols = [c for c in board.columns if c.key.startswith("top") or c.key == "k99"]
+    settings = settings or Settings()
     if not board.values:
         return ["- no loss has all its seeds done yet: nothing to compare"]
+    cols = _metric_columns(board)
+    base = baseline_row(board, settings.baseline)
+    comps = comparisons(board, settings)
     lines, better, worse = [], {}, {}
     for col in cols:
-        line, up, down = _metric_line(board, col)
+        line, up, down = _metric_line(board, col, base, comps, settings)
         lines.append(line)
         better[col.key], worse[col.key] = up, down
     top1 = next((c.key for c in cols if c.key == "top1"), None)
@@ -90,9 +148,13 @@ def board_findings(board: Board) -> list[str]:
         higher_k = [c.key for c in cols if c.key.startswith("top") and c.key != "top1"]
         trade = sorted({label for key in higher_k for label in better[key]} & worse[top1])
         if trade:
-            lines.append("- **trade-off**: better than `softmax` at some k > 1 but worse at top-1: "
+            lines.append(f"- **trade-off**: better than `{base}` at some k > 1 but worse at top-1: "
                          + ", ".join(f"`{label}`" for label in trade))
     seeds = {len(v) for vals in board.values.values() for v in vals.values()}
-    lines.append(f"- seeds per row: {', '.join(map(str, sorted(seeds)))}; Welch's t-test, p < {ALPHA}, "
-                 "uncorrected for multiple comparisons")
+    tests = sorted({c.test for c in comps.values() if c.claim_allowed})
+    lines.append(
+        f"- seeds per row: {', '.join(map(str, sorted(seeds)))}; baseline `{base or settings.baseline}`; "
+        f"{len(comps)} comparisons ({', '.join(tests) or 'no test'}: paired where rows share seeds, Welch "
+        f"otherwise), Holm–Bonferroni across this table, adjusted p < {settings.alpha}; 95 % CIs of the "
+        f"difference; no claim below {settings.min_seeds} seeds")
     return lines

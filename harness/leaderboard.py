@@ -84,6 +84,7 @@ class Board:
     values: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     columns: list[Column] = field(default_factory=list)
     reference: dict | None = None  # data_info["reference"]: a Bayes optimum or an oracle bound
+    seeds: dict[str, list[int]] = field(default_factory=dict)  # complete rows: the seed of each value
 
 
 def _reference(recs: list[dict | None]) -> dict | None:
@@ -114,9 +115,16 @@ def _reference_rows(ref: dict, cols: list[Column], table: pd.DataFrame) -> tuple
             added.append(title)
     return row, added
 
+
+
 def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict,
-          reference_fallback: Callable[[Component], dict | None] | None = None) -> list[Board]:
+          reference_fallback: Callable[[Component], dict | None] | None = None,
+          row_label: Callable[[RunSpec], str] | None = None, info: dict[str, dict[str, str]] | None = None,
+          ) -> list[Board]:
     """Group the suite's expected runs into leaderboards; cells of incomplete rows are '—'.
+
+    `row_label` names a run's row (default: the loss variant); `info` adds text columns to rows
+    by label (a tuned suite's chosen hyperparameters and trial count).
 
     A board whose records carry a `data_info.reference` (the Bayes optimum of synthetic data, the
     oracle bound of homoglyphs) gets it as a last, unranked row and `Δ ref top-k` columns;
@@ -128,19 +136,22 @@ def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict,
     datasets, models = [s.dataset for s in runs], [s.model for s in runs]
     for spec in runs:
         key = (varying_label(spec.dataset, datasets), varying_label(spec.model, models))
-        groups[key][variant_label(LOSSES, spec.loss)].append(spec)
+        groups[key][row_label(spec) if row_label else variant_label(LOSSES, spec.loss)].append(spec)
     boards = []
     for (ds, model), by_loss in groups.items():
         specs_here = [s for specs in by_loss.values() for s in specs]
         cols = columns(eval_cfg, macro=any(float(s.dataset.params.get("long_tail") or 1) > 1 for s in specs_here))
         primary = next(c for c in cols if c.key == primary_key)
-        rows, notes, curves, values, numbers = [], [], {}, {}, []
+        rows, notes, curves, values, numbers, seeds = [], [], {}, {}, [], {}
         for label, specs in by_loss.items():
             recs = [records.get(s.run_id) for s in specs]
             done = [r for r in recs if r is not None and r["status"] == "done"]
-            row = {"loss": label, "n": f"{len(done)}/{len(specs)}"}
-            tidy: dict = {"loss": label, "seeds_done": len(done), "seeds_expected": len(specs)}
+            row = {"loss": label, **(info or {}).get(label, {}), "n": f"{len(done)}/{len(specs)}"}
+            tidy: dict = {"loss": label, **(info or {}).get(label, {}), "seeds_done": len(done),
+                          "seeds_expected": len(specs)}
             complete = len(done) == len(specs)
+            if complete:
+                seeds[label] = [s.seed for s in specs]
             if not complete:
                 statuses = defaultdict(int)
                 for r in recs:
@@ -186,5 +197,5 @@ def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict,
             ref_row, added = _reference_rows(ref, cols, table)
             table = pd.concat([table, pd.DataFrame([ref_row])], ignore_index=True)
         boards.append(Board(ds, model, table.drop(columns=hidden).reset_index(drop=True), notes, tidy_table,
-                            curves, values, cols, ref))
+                            curves, values, cols, ref, seeds))
     return boards

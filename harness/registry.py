@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterable, TypeVar
 
 from harness.errors import RegistryError, short_repr
+from harness.space import Choice, Linear, Log, Space  # noqa: F401  (re-exported for loss modules)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,6 +45,9 @@ class Param:
     identity: str = "value"
     # A file-system path: a relative value in a suite resolves against the suite file's folder.
     path: bool = False
+    # Where tuning searches this parameter (harness/space.py): Log(lo, hi), Linear(lo, hi) or
+    # Choice(...); None: not tuned unless a suite's `tune.space` names it.
+    search: Space | None = None
 
     def check(self, name: str, value: Any) -> Any:
         """Return the value (ints promoted to float where a float is wanted) or raise RegistryError."""
@@ -82,6 +86,8 @@ class Param:
                 parts.append(f"{label}{bound}")
         if self.choices is not None:
             parts.append("one of " + "|".join(map(str, self.choices)))
+        if self.search is not None:
+            parts.append("tune " + self.search.describe())
         return " ".join(parts)
 
 

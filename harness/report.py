@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from harness import leaderboard  # noqa: E402
-from harness.findings import board_findings  # noqa: E402
+from harness.findings import Settings, board_findings, comparison_table  # noqa: E402
 from harness.leaderboard import Board  # noqa: E402
 from harness.leaderboard import variant_label, varying_label  # noqa: E402
 from harness.registry import DATASETS, LOSSES, MODELS  # noqa: E402
@@ -74,9 +74,11 @@ def _environment_line(records: list[dict]) -> str:
 def _setup_line(suite: Suite) -> str:
     first = suite.runs[0]
     train = first.train
+    tuned = {d.name for g in suite.tune.groups for d in g.dims} if suite.tune is not None else set()
+    lr = "tuned" if "lr" in tuned else f"{train['optimizer']['lr']:g}"
     return (f"{variant_label(DATASETS, first.dataset)} · model {variant_label(MODELS, first.model)} · "
             f"{train['epochs']} epochs, batch {train['batch_size']}, {train['optimizer']['name']} "
-            f"lr {train['optimizer']['lr']:g}, schedule {train['schedule']['name']} · seeds {suite.model.seeds}")
+            f"lr {lr}, schedule {train['schedule']['name']} · seeds {suite.model.seeds}")
 
 
 def reference_of(dataset: Component) -> dict | None:
@@ -135,18 +137,40 @@ def _data_lines(records: list[dict]) -> list[str]:
     return [f"- splits: {text} ({n} runs)" for text, n in seen.items()]
 
 
-def write_report(suite: Suite, store: RunStore) -> Path:
-    """Write `<results>/<suite>/report.md`, leaderboard CSVs and plots; return the report path."""
-    expected = list(dict.fromkeys(s.run_id for s in suite.runs))
-    by_id = store.records_for(expected)
+def write_report(suite: Suite, store: RunStore, tuners: list | None = None) -> Path:
+    """Write `<results>/<suite>/report.md`, leaderboard CSVs and plots; return the report path.
+
+    A tuned suite's tables show the selected configurations (`tuners`: harness.tune's result, else
+    replayed from the records).
+    """
+    eval_cfg = suite.runs[0].eval
+    plots = store.root / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    tune_lines: list[str] = []
+    if suite.tune is not None:
+        from harness import tune_report
+        from harness.tune import replay
+
+        tuners = tuners if tuners is not None else replay(suite.tune, store.load, retry=False)
+        shown = [s for t in tuners for s in t.finals()]
+        trial_specs = [s for t in tuners for trial in t.trials for s in trial.specs]
+        expected = list(dict.fromkeys(s.run_id for s in shown + trial_specs))
+        by_id = store.records_for(expected)
+        boards, tune_notes = tune_report.boards(suite.tune, tuners, by_id, eval_cfg)
+        tune_lines = tune_report.header(suite.tune, tuners) + [f"- ⚠ {note}" for note in tune_notes]
+        trials = tune_report.trials_table(tuners)
+        if not trials.empty:
+            trials.to_csv(store.root / "trials.csv", index=False)
+            tune_lines.append("- every trial (hyperparameters, validation score, run ids): `trials.csv`")
+    else:
+        shown = suite.runs
+        expected = list(dict.fromkeys(s.run_id for s in suite.runs))
+        by_id = store.records_for(expected)
+        boards = leaderboard.build(suite.runs, by_id, eval_cfg, reference_fallback=reference_of)
     ignored = {run_id: why for run_id, why in store.problems().items() if run_id in set(expected)}
     records = [by_id[i] for i in expected if i in by_id]
     counts = Counter(r["status"] for r in records)
     missing = len(expected) - len(records) - len(ignored)
-    eval_cfg = suite.runs[0].eval
-    boards = leaderboard.build(suite.runs, by_id, eval_cfg, reference_fallback=reference_of)
-    plots = store.root / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
     lines = [
         f"# Report: {suite.name}",
         "",
@@ -164,6 +188,7 @@ def write_report(suite: Suite, store: RunStore) -> Path:
         f"- metrics: test split, model selected by `{eval_cfg['select']}` (per metric); "
         f"ranked by `{eval_cfg['primary']}`; mean ± std over seeds (sample std); "
         "ties in scores count against the true label",
+        *tune_lines,
         "",
     ]
     for board in boards:
@@ -172,13 +197,22 @@ def write_report(suite: Suite, store: RunStore) -> Path:
         lines += [f"## {board.dataset} · {board.model}", "",
                   tabulate(board.table, headers="keys", tablefmt="github", showindex=False), ""]
         lines += [f"- ⚠ {note}" for note in board.footnotes]
-        lines += ["", "What this table shows (generated from the records):", "", *board_findings(board)]
+        settings = Settings(suite.model.eval.baseline, suite.model.eval.min_seeds)
+        lines += ["", "What this table shows (generated from the records):", "", *board_findings(board, settings)]
+        table = comparison_table(board, settings, eval_cfg["primary"])
+        if not table.empty:
+            lines += ["", f"Each row against `{settings.baseline}` on `{eval_cfg['primary']}` (difference of means, "
+                      "95 % CI; p-values Holm-adjusted over every comparison in this table):", "",
+                      tabulate(table, headers="keys", tablefmt="github", showindex=False, disable_numparse=True)]
         if board.curves:
             png = plots / f"topk-{slug}.png"
             losses = [spec.loss for spec in suite.runs]  # legend: only the parameters that vary in the suite
             labels = {variant_label(LOSSES, c): varying_label(c, losses) for c in losses}
             _plot_curves(board, png, max_k=max(20, 2 * max(eval_cfg["k"])), labels=labels)
             lines += ["", f"![top-k curves]({png.relative_to(store.root)})", ""]
+        if suite.tune is not None:
+            for png in tune_report.board_plots(tuners, suite.tune, board, shown, plots, slug):
+                lines += ["", f"![{png.stem}]({png.relative_to(store.root)})", ""]
     failed = [r for r in records if r["status"] != "done"]
     if failed:
         lines += ["## Runs that did not finish", ""]
@@ -194,7 +228,9 @@ def write_report(suite: Suite, store: RunStore) -> Path:
         lines.append("")
     lines += ["## Run records", "",
               f"Every number above comes from these files in `{_pool_name(store)}/` (one pool per results root):", ""]
-    for spec in suite.runs:
+    if suite.tune is not None:
+        lines += ["(selected configurations on every seed; the trials are listed in `trials.csv`)", ""]
+    for spec in shown:
         status = by_id[spec.run_id]["status"] if spec.run_id in by_id else (
             "invalid record (ignored)" if spec.run_id in ignored else "missing")
         lines.append(f"- `{spec.run_id}` {variant_label(LOSSES, spec.loss)} · seed {spec.seed} · {status}")

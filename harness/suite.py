@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import math
+import typing
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -66,6 +67,9 @@ class Eval(_Strict):
     k: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 5], min_length=1)
     primary: str = "top1"
     select: Literal["best_val", "last"] = "best_val"
+    # comparison settings: they change the report, never a run, so they are not part of run ids
+    baseline: str = "softmax"
+    min_seeds: int = Field(3, ge=1)
 
     @field_validator("k")
     @classmethod
@@ -74,6 +78,31 @@ class Eval(_Strict):
         if repeated:
             raise ValueError(f"k {', '.join(map(str, repeated))} listed twice; each k at most once")
         return ks
+
+
+NOT_HASHED_EVAL = {"baseline", "min_seeds"}
+
+
+class LossTune(_Strict):
+    """Per-loss override of the search space (`losses[i].tune.space`); null removes a declared hint."""
+
+    space: dict[str, Any] = Field(default_factory=dict)
+
+
+class LossEntry(Named):
+    tune: LossTune | None = None
+
+
+class Tune(_Strict):
+    """`tune:` — every loss gets `budget` trials from its search space; see harness/tune.py."""
+
+    budget: int = Field(ge=1)
+    sampler: Literal["random", "tpe", "grid"] = "tpe"
+    seed: int = 0  # the sampler's seed
+    seeds: list[int] | None = Field(None, min_length=1)  # training seeds of the trials (default: the first suite seed)
+    metric: str | None = None  # validation metric to select on (default: eval.primary)
+    direction: Literal["max", "min"] | None = None  # default: max for top-k, min for k99
+    space: dict[str, Any] = Field(default_factory=dict)
 
 
 class Resources(_Strict):
@@ -100,7 +129,8 @@ class SuiteModel(_Strict):
     model: Named
     train: Train
     eval: Eval = Field(default_factory=Eval)
-    losses: list[str | Named] = Field(min_length=1)
+    losses: list[str | LossEntry] = Field(min_length=1)
+    tune: Tune | None = None
     resources: Resources = Field(default_factory=Resources)
 
     @field_validator("seeds")
@@ -115,8 +145,10 @@ class SuiteModel(_Strict):
 class Suite:
     """A validated suite file and its expanded runs."""
 
-    def __init__(self, path: Path, model: SuiteModel, runs: list[RunSpec]) -> None:
+    def __init__(self, path: Path, model: SuiteModel, runs: list[RunSpec], tune: Any = None) -> None:
         self.path, self.model, self.runs = path, model, runs
+        # a tuned suite: harness.tune_plan.TunePlan; `runs` is then the untuned grid (defaults), never run
+        self.tune = tune
 
     @property
     def name(self) -> str:
@@ -127,13 +159,14 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names of the (sub)model reached by `loc`, for did-you-mean hints."""
     current: Any = model
     if loc and loc[0] == "losses":
-        return list(Named.model_fields)
+        return list(LossTune.model_fields) if "tune" in loc[:-1] else list(LossEntry.model_fields)
     for part in loc[:-1]:
         fields = getattr(current, "model_fields", None)
         if fields is None or part not in fields:
             continue
         ann = fields[part].annotation
-        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        options = typing.get_args(ann) or (ann,)  # `Tune | None` -> Tune
+        current = next((a for a in options if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if current is None:
             return []
     return list(getattr(current, "model_fields", {}))
@@ -146,7 +179,7 @@ def _cut(text: str, limit: int = 60) -> str:
 def _pydantic_message(path: Path, exc: ValidationError) -> str:
     errors = exc.errors()  # an unknown key explains a "missing" one next to it: report it first
     err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in ("str", "Named")))
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in ("str", "Named", "LossEntry")))
     key = "".join(f"[{p}]" if isinstance(p, int) else f".{_cut(str(p))}" for p in loc).lstrip(".") or "<top>"
     if err["type"] == "extra_forbidden":
         allowed = _fields_at(SuiteModel, loc)
@@ -241,6 +274,23 @@ def _components(registry: Registry, named: Named, where: str, base: Path | None 
         raise SuiteError(str(exc)) from None
 
 
+def _check_baseline(path: Path, baseline: str, losses: list[Component], row_labels: list[str]) -> None:
+    """`eval.baseline` names a loss of the suite, or one variant's label when the loss has several."""
+    from harness.leaderboard import variant_label  # leaderboard imports nothing from here
+
+    labels = [variant_label(LOSSES, c) for c in losses]
+    if baseline in labels or baseline in row_labels:  # row_labels: a tuned suite's row names
+        return
+    variants = [label for c, label in zip(losses, labels) if c.name == baseline]
+    if len(variants) == 1:
+        return
+    if variants:
+        raise SuiteError(f"{path}: eval.baseline: '{baseline}' has {len(variants)} variants; name one of {variants}")
+    hint = difflib.get_close_matches(baseline, labels, n=1, cutoff=0.5)
+    did = f" (did you mean '{hint[0]}'?)" if hint else ""
+    raise SuiteError(f"{path}: eval.baseline: '{baseline}' is not a loss of this suite{did}; losses: {labels}")
+
+
 def load_suite(path: str | Path, max_runs: int = DEFAULT_MAX_RUNS) -> Suite:
     """Read, validate and expand a suite file; raises SuiteError with a one-line message.
 
@@ -260,12 +310,10 @@ def load_suite(path: str | Path, max_runs: int = DEFAULT_MAX_RUNS) -> Suite:
                              f"of {max_runs:,}; raise it with --max-runs if you mean it")
         datasets = _components(DATASETS, model.dataset, "dataset", path.parent)
         models = _components(MODELS, model.model, "model", path.parent)
-        losses = [
-            comp
-            for i, item in enumerate(model.losses)
-            for comp in _components(LOSSES, Named(name=item) if isinstance(item, str) else item, f"losses[{i}]",
-                                    path.parent)
-        ]
+        entries = [(i, comp) for i, item in enumerate(model.losses)
+                   for comp in _components(LOSSES, LossEntry(name=item) if isinstance(item, str) else item,
+                                           f"losses[{i}]", path.parent)]
+        losses = [comp for _, comp in entries]
     except SuiteError as exc:
         raise SuiteError(f"{path}: {exc}") from None
     primary_ok = {f"top{k}" for k in model.eval.k} | {"k99"}
@@ -289,11 +337,22 @@ def load_suite(path: str | Path, max_runs: int = DEFAULT_MAX_RUNS) -> Suite:
             except (ValueError, TypeError) as exc:
                 message = f"{loss.label()} with {num_classes} classes: {exc}"
                 raise SuiteError(f"{path}: losses: {message}") from None
-    train, evaluation = model.train.model_dump(), model.eval.model_dump()
+    train, evaluation = model.train.model_dump(), model.eval.model_dump(exclude=NOT_HASHED_EVAL)
     runs = [
         RunSpec(loss=loss, dataset=ds, model=m, train=train, eval=evaluation, seed=seed)
         for ds in datasets for m in models for loss in losses for seed in model.seeds
     ]
     if len({r.run_id for r in runs}) != len(runs):
         raise SuiteError(f"{path}: losses: the same run appears twice (duplicate loss entries or seeds)")
-    return Suite(path, model, runs)
+    plan = None
+    if model.tune is not None:
+        from harness.tune_plan import build_plan  # it imports the models above
+
+        plan = build_plan(path, model, entries, datasets, models, train, evaluation)
+    else:
+        tuned = next((i for i, e in enumerate(model.losses) if isinstance(e, LossEntry) and e.tune), None)
+        if tuned is not None:
+            raise SuiteError(f"{path}: losses[{tuned}].tune: needs a top-level `tune:` block (budget, sampler, …)")
+    if "baseline" in model.eval.model_fields_set:  # the default (softmax) may be absent: then no comparisons
+        _check_baseline(path, model.eval.baseline, losses, [g.label for g in plan.groups] if plan else [])
+    return Suite(path, model, runs, plan)

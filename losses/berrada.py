@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.registry import Param, register_loss
+from harness.registry import Log, Param, register_loss
 from losses.common import check_k, working_precision
 from losses.reference_difftopk import berrada_smooth_reference
 
@@ -331,7 +331,7 @@ def hard_topk_svm(scores: torch.Tensor, labels: torch.Tensor, k: int, alpha: flo
 
 
 _K = Param(int, 5, ge=1, doc="k of top-k (k < num_classes)")
-_ALPHA = Param(float, 1.0, ge=0.0, doc="margin α")
+_ALPHA = Param(float, 1.0, ge=0.0, doc="margin α", search=Log(0.1, 10.0))
 
 
 @register_loss(
@@ -361,7 +361,7 @@ class BerradaHardTopK(nn.Module):
     paper=PAPER,
     version=1,
     reference=berrada_smooth_reference,
-    params={"k": _K, "alpha": _ALPHA, "tau": Param(float, 1.0, gt=0.0, doc="temperature τ")},
+    params={"k": _K, "alpha": _ALPHA, "tau": Param(float, 1.0, gt=0.0, doc="temperature τ", search=Log(1e-3, 10.0))},
 )
 class BerradaSmoothTopK(nn.Module):
     """Smooth top-k SVM L_{k,τ} (log-sum-exp over k-subsets), mean over the batch."""

@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.registry import Param, register_loss
+from harness.registry import Linear, Param, register_loss
 from losses.common import check_k, working_precision
 
 log = logging.getLogger(__name__)
 
 _K = Param(int, 5, ge=1, doc="k of top-k (k < num_classes)")
-_GAMMA = Param(float, 0.0, ge=0.0, doc="Moreau smoothing γ (0 = non-smooth)")
+_GAMMA = Param(float, 0.0, ge=0.0, doc="Moreau smoothing γ (0 = non-smooth)", search=Linear(0.0, 2.0))
 _LAPIN16 = "Lapin, Hein, Schiele. Loss functions for top-k error: analysis and insights. CVPR 2016"
 _LAPIN15 = "Lapin, Hein, Schiele. Top-k Multiclass SVM. NIPS 2015"
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from harness.registry import Param, register_loss
+from harness.registry import Log, Param, register_loss
 from losses.topk_ce import TopKCrossEntropy, topk_ce_params
 
 
@@ -154,7 +154,8 @@ def lapsum_topk(s: torch.Tensor, k: torch.Tensor | float, alpha: torch.Tensor | 
     "Ranking, Sorting and Top-k Selection. ICML 2025",
     version=1,
     contract={"params": {"p_k": [0.5, 0.5]}, "min_classes": 3},  # harness.testing: K = len(p_k) < n
-    params={**topk_ce_params(), "alpha": Param(float, 1.0, gt=0.0, doc="Laplace scale α (temperature)")},
+    params={**topk_ce_params(), "alpha": Param(float, 1.0, gt=0.0, doc="Laplace scale α (temperature)",
+                                                      search=Log(1e-2, 10.0))},
 )
 class LapSumLoss(TopKCrossEntropy):
     """Top-k cross-entropy over the LapSum soft top-k mask."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from harness.registry import Param, register_loss
+from harness.registry import Log, Param, register_loss
 from losses.topk_ce import TopKCrossEntropy, topk_ce_params
 
 MAX_STEPS = 100
@@ -104,7 +104,8 @@ def lml(x: torch.Tensor, k: float, tau: float = 1.0) -> torch.Tensor:
     version=1,
     contract={"params": {"p_k": [0.5, 0.5]}, "min_classes": 3},  # harness.testing: K = len(p_k) < n
     params={**topk_ce_params([0.0, 0.0, 0.0, 0.0, 1.0], "sort"),
-            "tau": Param(float, 1.0, gt=0.0, doc="temperature τ of the entropic projection")},
+            "tau": Param(float, 1.0, gt=0.0, doc="temperature τ of the entropic projection",
+                         search=Log(1e-2, 10.0))},
 )
 class LMLLoss(TopKCrossEntropy):
     """−log LML_k(s/τ)_y (P_K one-hot at k = 5 by default; other P_K mix one projection per k)."""

@@ -21,7 +21,7 @@ import logging
 import torch
 from torch import nn
 
-from harness.registry import Param, register_loss
+from harness.registry import Log, Param, register_loss
 from losses.common import check_k, working_precision
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,14 @@ log = logging.getLogger(__name__)
     requires=("pytopk",),
     params={
         "k": Param(int, 5, ge=1, doc="k of top-k (k < num_classes)"),
-        "epsilon": Param(float, 1.0, gt=0.0, doc="noise scale ε of the smoothed top-k"),
+        "epsilon": Param(float, 1.0, gt=0.0, doc="noise scale ε of the smoothed top-k",
+                         search=Log(1e-2, 10.0)),
         "n_sample": Param(int, 5, ge=1, doc="Gaussian draws per sample and evaluation"),
         "imbalanced": Param(bool, False, doc="use the class-dependent margins (ImbalNoisedTopK)"),
-        "max_m": Param(float, 0.2, gt=0.0, doc="'imbalanced': largest class margin"),
-        "scale": Param(float, 1.0, gt=0.0, doc="'imbalanced': scale of the hinge"),
+        "max_m": Param(float, 0.2, gt=0.0, doc="'imbalanced': largest class margin",
+                       search=Log(0.05, 1.0, when={"imbalanced": True})),
+        "scale": Param(float, 1.0, gt=0.0, doc="'imbalanced': scale of the hinge",
+                       search=Log(0.1, 10.0, when={"imbalanced": True})),
         "class_counts": Param(
             (list, tuple), None, optional=True, doc="'imbalanced': training examples per class"
         ),

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harness.registry import Param, register_loss
+from harness.registry import Log, Param, register_loss
 from losses.common import check_k, working_precision
 from losses.isotonic import permutahedron_projection
 from losses.topk_ce import preselect
@@ -50,7 +50,7 @@ def soft_rank(theta: torch.Tensor, epsilon: float = 1.0, regularization: str = "
     version=1,
     params={
         "k": Param(int, 5, ge=1, doc="k of top-k (k < num_classes)"),
-        "epsilon": Param(float, 1.0, gt=0.0, doc="regularisation strength ε"),
+        "epsilon": Param(float, 1.0, gt=0.0, doc="regularisation strength ε", search=Log(1e-2, 10.0)),
         "regularization": Param(str, "l2", choices=REGULARIZATIONS, doc="l2 (quadratic) or kl (entropic)"),
         "m": Param(int, None, optional=True, ge=2, doc="top-m preselection (k < m < n); None = all classes"),
     },

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from harness.registry import Param, register_loss
+from harness.registry import Log, Param, register_loss
 from losses.difftopk.sinkhorn import entropic_plan, hard_potentials
 from losses.topk_ce import TopKCrossEntropy, topk_ce_params
 
@@ -64,7 +64,8 @@ def soft_topk(s: torch.Tensor, k: int, epsilon: float = 0.01, iterations: int = 
     contract={"params": {"p_k": [0.5, 0.5]}, "min_classes": 3},  # harness.testing: K = len(p_k) < n
     params={
         **topk_ce_params(),
-        "epsilon": Param(float, 0.01, gt=0.0, doc="entropic regularisation ε (cost normalised to max 1)"),
+        "epsilon": Param(float, 0.01, gt=0.0, doc="entropic regularisation ε (cost normalised to max 1)",
+                         search=Log(1e-3, 1.0)),
         "sorted": Param(bool, False, doc="k+1 anchors (one OT for every k) instead of {0, 1} per k"),
         "iterations": Param(int, 100, ge=1, doc="max solver steps (not converged: the run fails)"),
         "tolerance": Param(float, 1e-6, gt=0.0, doc="relative anchor-marginal tolerance"),

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.registry import Param, register_loss
+from harness.registry import Linear, Param, register_loss
 from losses.common import working_precision
 
 
@@ -15,7 +15,8 @@ from losses.common import working_precision
     family="softmax",
     paper="baseline",
     version=1,
-    params={"label_smoothing": Param(float, 0.0, ge=0.0, lt=1.0, doc="label smoothing ε")},
+    params={"label_smoothing": Param(float, 0.0, ge=0.0, lt=1.0, doc="label smoothing ε",
+                                       search=Linear(0.0, 0.3))},
 )
 class SoftmaxCE(nn.Module):
     """Softmax cross-entropy (optionally label-smoothed)."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.registry import Param, register_loss
+from harness.registry import Log, Param, register_loss
 from losses.isotonic import permutahedron_projection
 from losses.topk_ce import TopKCrossEntropy, topk_ce_params
 
@@ -53,7 +53,7 @@ def sparse_topk(s: torch.Tensor, w: torch.Tensor | int, epsilon: float = 1.0, p:
     contract={"params": {"p_k": [0.5, 0.5]}, "min_classes": 3},  # harness.testing: K = len(p_k) < n
     params={
         **topk_ce_params(),
-        "epsilon": Param(float, 1.0, gt=0.0, doc="regularisation strength ε"),
+        "epsilon": Param(float, 1.0, gt=0.0, doc="regularisation strength ε", search=Log(1e-2, 10.0)),
         "p": Param(str, "4/3", choices=P_NORMS, doc="p-norm regulariser: 4/3 or 2"),
     },
 )

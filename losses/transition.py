@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.registry import Param, TrainingProgress, register_loss
+from harness.registry import Linear, Param, TrainingProgress, register_loss
 from losses.common import check_k, working_precision
 
 log = logging.getLogger(__name__)
@@ -45,11 +45,16 @@ def grouped_topk_ce(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch
     params={
         "k": Param(int, 5, ge=1, doc="size of the grouped top-k set (k < num_classes)"),
         "schedule": Param(str, "linear", choices=SCHEDULES, doc="how λ moves from 0 to 1"),
-        "start": Param(float, 0.0, ge=0.0, le=1.0, doc="training fraction where λ starts rising"),
-        "end": Param(float, 0.5, ge=0.0, le=1.0, doc="training fraction where λ reaches 1"),
-        "lambda_value": Param(float, 1.0, ge=0.0, le=1.0, doc="λ of the 'constant' schedule"),
+        # start ≤ end always holds for the searched ranges (the schedule needs it)
+        "start": Param(float, 0.0, ge=0.0, le=1.0, doc="training fraction where λ starts rising",
+                       search=Linear(0.0, 0.5, when={"schedule": "linear"})),
+        "end": Param(float, 0.5, ge=0.0, le=1.0, doc="training fraction where λ reaches 1",
+                     search=Linear(0.5, 1.0, when={"schedule": ("linear", "step")})),
+        "lambda_value": Param(float, 1.0, ge=0.0, le=1.0, doc="λ of the 'constant' schedule",
+                              search=Linear(0.0, 1.0, when={"schedule": "constant"})),
         "adaptive_target": Param(
-            float, 0.9, gt=0.0, le=1.0, doc="'adaptive': λ = train top-k accuracy / target"
+            float, 0.9, gt=0.0, le=1.0, doc="'adaptive': λ = train top-k accuracy / target",
+            search=Linear(0.5, 1.0, when={"schedule": "adaptive"}),
         ),
     },
 )

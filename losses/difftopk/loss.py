@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.registry import Param, register_loss
+from harness.registry import Linear, Log, Param, register_loss
 from losses.common import working_precision
 from losses.reference_difftopk import difftopk_reference
 from losses.difftopk.label_mass import network_label_mass
@@ -37,10 +37,11 @@ TOP1_MODES = ("sort", "sm", "smce")
         "p_k": Param(list, [0.5, 0.0, 0.0, 0.0, 0.5], doc="P_K over k=1..K (non-negative, sums to 1)"),
         "m": Param(int, None, optional=True, ge=2, doc="top-m preselection (K < m < n); None = all classes"),
         "top1_mode": Param(str, "sm", choices=TOP1_MODES, doc="how the k=1 term is computed"),
-        "inverse_temperature": Param(float, None, optional=True, gt=0.0,
+        "inverse_temperature": Param(float, None, optional=True, gt=0.0, search=Log(1e-2, 1e2),
                                      doc="steepness / 1/tau / 1/eps; None = 1.0 (sinkhorn: 1/n)"),
         "distribution": Param(str, "logistic_phi", choices=DISTRIBUTIONS, doc="sorting-network relaxation"),
-        "art_lambda": Param(float, 0.5, ge=0.0, doc="ART exponent λ of logistic_phi"),
+        "art_lambda": Param(float, 0.5, ge=0.0, doc="ART exponent λ of logistic_phi",
+                            search=Linear(0.1, 1.0, when={"distribution": "logistic_phi", "sorter": NETWORKS})),
         "sinkhorn_iterations": Param(int, 100, ge=1, doc="max Sinkhorn/Newton steps (not converged: the run fails)"),
         "sinkhorn_tolerance": Param(float, 1e-6, gt=0.0, doc="Sinkhorn relative anchor-marginal tolerance"),
     },

@@ -59,3 +59,15 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     report = (tmp_path / "quickstart" / "report.md").read_text()
     assert "0 missing" in report and "What this table shows" in report
     assert "not done (none)" in capsys.readouterr().out
+
+
+def test_synthetic_tuned_tunes_every_loss_and_every_sorter_on_one_budget():
+    suite = load_suite(SUITES / "synthetic-tuned.yaml")
+    plan = suite.tune
+    assert plan is not None and plan.budget >= 12 and len(plan.final_seeds) == 3
+    names = {g.base.loss.name for g in plan.groups}
+    assert names == {e.name for e in LOSSES.entries() if e.available}
+    sorters = {g.base.loss.params["sorter"] for g in plan.groups if g.base.loss.name == "difftopk"}
+    assert sorters == {"neuralsort", "softsort", "sinkhorn", "odd_even", "bitonic", "splitter_selection"}
+    assert all("lr" in {d.name for d in g.dims} for g in plan.groups)  # losses scale gradients differently
+    assert len({g.label for g in plan.groups}) == len(plan.groups)

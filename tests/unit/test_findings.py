@@ -1,10 +1,13 @@
 """Generated findings: best per metric, differences from softmax beyond seed noise, trade-offs."""
 from __future__ import annotations
 
-import numpy as np
 
-from harness import leaderboard
-from harness.findings import board_findings, welch_p
+import pytest
+from scipy import stats
+from statsmodels.stats.multitest import multipletests
+
+from harness import findings, leaderboard
+from harness.findings import board_findings
 from harness.spec import Component, RunSpec
 
 EVAL = {"k": [1, 5], "primary": "top1", "select": "best_val"}
@@ -33,27 +36,71 @@ def _board(rows: dict[str, list[tuple[float, float]]], failed: str | None = None
     return board
 
 
-def test_welch_p_edge_cases():
-    assert welch_p(np.array([1.0, 1.0]), np.array([1.0, 1.0])) == 1.0
-    assert welch_p(np.array([2.0, 2.0]), np.array([1.0, 1.0])) == 0.0
-    assert welch_p(np.array([1.0]), np.array([5.0, 6.0])) == 1.0  # one seed: no claim
-    assert welch_p(np.array([0.50, 0.51, 0.49]), np.array([0.70, 0.71, 0.69])) < 0.01
+NOISE = [0.004, -0.006, 0.001, 0.007, -0.003, -0.003]  # per-seed jitter so paired differences vary
+
+
+def _rows(top1: float, top5: float, jitter: float = 1.0) -> list[tuple[float, float]]:
+    return [(top1 + jitter * e, top5 + jitter * e * 0.5) for e in NOISE]
 
 
 def test_better_worse_and_trade_off_against_softmax():
     board = _board({
-        "softmax": [(0.60, 0.90), (0.61, 0.91), (0.59, 0.89)],
-        "topk_loss": [(0.50, 0.95), (0.51, 0.96), (0.49, 0.94)],  # trades top-1 for top-5
-        "same": [(0.605, 0.905), (0.595, 0.895), (0.60, 0.90)],
+        "softmax": _rows(0.60, 0.90),
+        "topk_loss": _rows(0.50, 0.95, jitter=-1.3),  # trades top-1 for top-5
+        "same": [(0.60 + e, 0.90 + e) for e in reversed(NOISE)],  # same means, independent noise
     })
-    text = "\n".join(board_findings(board))
-    assert "**top-1 % ↑**: best `softmax`" in text and "worse: `topk_loss` -10.00" in text
-    assert "**top-5 % ↑**: best `topk_loss`" in text and "better than `softmax`: `topk_loss` +5.00" in text
+    lines = board_findings(board)
+    text = "\n".join(lines)
+    assert "**top-1 % ↑**: best `softmax`" in text and "worse: `topk_loss` -10.00 [" in text
+    assert "**top-5 % ↑**: best `topk_loss`" in text and "better than `softmax`: `topk_loss` +5.00 [" in text
+    assert "paired t, Holm p=" in text
     assert "`same`" not in text  # within seed noise: never listed
     assert "**trade-off**" in text and "`topk_loss`" in text.split("**trade-off**")[1]
+    assert "p=0 " not in text and "p=0)" not in text
+    assert "**k@99 % ↓**" in text and "no difference from `softmax` survives Holm's correction" in text
+    assert "Holm–Bonferroni" in lines[-1] and "6 comparisons" in lines[-1]  # 2 rows x (top1, top5, k99)
+
+
+def test_findings_use_paired_tests_and_holm_over_the_table():
+    board = _board({"softmax": _rows(0.60, 0.90), "topk_loss": _rows(0.50, 0.95, jitter=-1.3)})
+    comps = findings.comparisons(board, findings.Settings())
+    c = comps[("top1", "topk_loss")]
+    a, b = board.values["topk_loss"]["top1"], board.values["softmax"]["top1"]
+    raw = [stats.ttest_rel(board.values["topk_loss"][k], board.values["softmax"][k]).pvalue for k in ("top1", "top5")]
+    assert c.test == "paired t" and c.p == pytest.approx(stats.ttest_rel(a, b).pvalue, rel=1e-12)
+    holm = multipletests(raw + [1.0], method="holm")[1]  # k99 is identical on every seed: p = 1
+    assert c.p_adj == pytest.approx(holm[0], rel=1e-12)
+    assert comps[("k99", "topk_loss")].note == "identical on every seed"
+
+
+def test_baseline_is_a_setting_and_min_seeds_blocks_claims():
+    board = _board({"softmax": _rows(0.60, 0.90), "topk_loss": _rows(0.50, 0.95, jitter=-1.3)})
+    text = "\n".join(board_findings(board, findings.Settings(baseline="topk_loss")))
+    assert "better than `topk_loss`: `softmax` +10.00" in text
+    few = _board({"softmax": _rows(0.60, 0.90)[:2], "topk_loss": _rows(0.50, 0.95, jitter=-1.3)[:2]})
+    text = "\n".join(board_findings(few, findings.Settings(min_seeds=3)))
+    assert "fewer than 3 seeds: no significance claim" in text and "worse" not in text
+    table = findings.comparison_table(few, findings.Settings(min_seeds=3), "top1")
+    assert list(table["p (Holm)"]) == ["—"] and table["Δ top-1 % ↑"][0] == "-9.77"  # seeds 0, 1 only
+    absent = "\n".join(board_findings(board, findings.Settings(baseline="nope")))
+    assert "no complete `nope` row" in absent
+
+
+def test_unpaired_rows_use_welch():
+    specs, records = [], {}
+    for loss, seeds in (("softmax", range(6)), ("topk_loss", range(10, 16))):
+        for i, seed in enumerate(seeds):
+            spec = _spec(loss, seed)
+            specs.append(spec)
+            base = 0.6 if loss == "softmax" else 0.5
+            records[spec.run_id] = _record(spec, base + NOISE[i], 0.9 + NOISE[i] / 2)
+    (board,) = leaderboard.build(specs, records, EVAL)
+    c = findings.comparisons(board, findings.Settings())[("top1", "topk_loss")]
+    a, b = board.values["topk_loss"]["top1"], board.values["softmax"]["top1"]
+    assert c.test == "Welch t" and c.p == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-12)
 
 
 def test_incomplete_rows_are_not_compared():
     board = _board({"softmax": [(0.6, 0.9), (0.61, 0.91)], "broken": [(0.9, 0.99), (0.91, 0.99)]}, failed="broken")
     text = "\n".join(board_findings(board))
-    assert "broken" not in text and "no loss differs from `softmax`" in text
+    assert "broken" not in text and "no other complete row to compare with" in text

@@ -50,6 +50,43 @@ CASES = {
     "homoglyphs: unknown charset preset": (
         GOOD.replace("name: synthetic, params: {classes: 8, superclasses: 2, train_size: 64, val_size: 32, test_size: 32}",
                      "name: homoglyphs, params: {charset: digits_leters}"), ["did you mean 'digits_letters'"]),
+    "unknown baseline": (GOOD.replace("k: [1, 2]}", "k: [1, 2], baseline: sofmax}"),
+                         ["eval.baseline", "did you mean 'softmax'"]),
+    "ambiguous baseline": (GOOD.replace("k: [1, 2]}", "k: [1, 2], baseline: softmax}").replace(
+        "losses: [softmax]", "losses: [{name: softmax, params: {label_smoothing: [0.1, 0.2]}}]"),
+        ["eval.baseline", "2 variants", "softmax[label_smoothing=0.1]"]),
+    # tune blocks
+    "tune budget 0": (GOOD + "tune: {budget: 0}\n", ["tune.budget", "greater than or equal to 1"]),
+    "tune empty range": (GOOD + "tune: {budget: 2, space: {lr: {log: [0.01, 0.01]}}}\n", ["tune.space.lr", "empty range"]),
+    "tune inverted range": (GOOD + "tune: {budget: 2, space: {lr: {linear: [0.1, 0.01]}}}\n",
+                            ["tune.space.lr", "inverted range"]),
+    "tune log range through 0": (GOOD + "tune: {budget: 2, space: {weight_decay: {log: [0, 0.1]}}}\n",
+                                 ["tune.space.weight_decay", "must not reach 0"]),
+    "tune empty choice": (GOOD + "tune: {budget: 2, space: {lr: {choice: []}}}\n", ["tune.space.lr", "empty choice"]),
+    "tune unknown kind": (GOOD + "tune: {budget: 2, space: {lr: {logg: [0.1, 1]}}}\n", ["tune.space.lr", "logg"]),
+    "tune unknown parameter": (GOOD + "tune: {budget: 2, space: {lrr: {log: [0.01, 0.1]}}}\n",
+                               ["tune.space.lrr", "unknown parameter", "did you mean 'lr'"]),
+    "tune unknown loss parameter": (
+        GOOD.replace("losses: [softmax]", "losses: [{name: softmax, tune: {space: {smoothing: {linear: [0, 0.2]}}}}]")
+        + "tune: {budget: 2}\n", ["losses[0].tune.space.smoothing", "unknown parameter of 'softmax'"]),
+    "tune space for a loss not in the suite": (
+        GOOD + "tune: {budget: 2, space: {berrada_smooth: {tau: {log: [0.01, 1]}}}}\n",
+        ["tune.space.berrada_smooth", "not in this suite"]),
+    "tune range outside the parameter": (
+        GOOD + "tune: {budget: 2, space: {softmax: {label_smoothing: {linear: [0, 1]}}}}\n",
+        ["tune.space.softmax.label_smoothing", "out of range"]),
+    "tune space of a fixed parameter": (
+        GOOD.replace("losses: [softmax]", "losses: [{name: softmax, params: {label_smoothing: 0.1}, "
+                     "tune: {space: {label_smoothing: {linear: [0, 0.2]}}}}]") + "tune: {budget: 2}\n",
+        ["losses[0].tune.space.label_smoothing", "also fixed"]),
+    "tune metric": (GOOD + "tune: {budget: 2, metric: top5}\n", ["tune.metric", "top5"]),
+    "tune grid too small": (GOOD + "tune: {budget: 4, sampler: grid, space: {lr: {choice: [0.1, 0.01]}, softmax: {label_smoothing: null}}}\n",
+                            ["tune.budget", "only 2 points"]),
+    "tune per loss without tune block": (
+        GOOD.replace("losses: [softmax]", "losses: [{name: softmax, tune: {space: {lr: {log: [0.01, 0.1]}}}}]"),
+        ["losses[0].tune", "top-level"]),
+    "tune unknown key": (GOOD + "tune: {budgett: 2}\n", ["tune.budgett", "did you mean 'budget'"]),
+    "min_seeds zero": (GOOD.replace("k: [1, 2]}", "k: [1, 2], min_seeds: 0}"), ["eval.min_seeds"]),
 }
 
 
@@ -101,3 +138,15 @@ def test_grid_expansion_and_defaults(write_suite):
     explicit = load_suite(write_suite(GOOD.replace(
         "losses: [softmax]", "losses: [{name: softmax, params: {label_smoothing: 0.0}}]"), name="b.yaml"))
     assert explicit.runs[0].run_id == load_suite(write_suite(GOOD, name="c.yaml")).runs[0].run_id
+
+
+def test_comparison_settings_do_not_change_run_ids(write_suite):
+    plain = load_suite(write_suite(GOOD.replace("losses: [softmax]", "losses: [softmax, lapin_entropy]")))
+    other = load_suite(write_suite(GOOD.replace("losses: [softmax]", "losses: [softmax, lapin_entropy]").replace(
+        "k: [1, 2]}", "k: [1, 2], baseline: lapin_entropy, min_seeds: 5}"), name="b.yaml"))
+    assert [r.run_id for r in plain.runs] == [r.run_id for r in other.runs]
+    assert other.model.eval.baseline == "lapin_entropy" and "baseline" not in other.runs[0].eval
+    labelled = load_suite(write_suite(GOOD.replace(
+        "losses: [softmax]", "losses: [{name: softmax, params: {label_smoothing: [0.0, 0.1]}}]").replace(
+        "k: [1, 2]}", "k: [1, 2], baseline: 'softmax[label_smoothing=0.1]'}"), name="c.yaml"))
+    assert labelled.model.eval.baseline == "softmax[label_smoothing=0.1]"
