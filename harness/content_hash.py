@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +52,9 @@ def _write_cache(new: dict[str, str]) -> None:
         data = {**_read_cache(), **new}
         if len(data) > MAX_CACHE_ENTRIES:  # keep the newest entries (dicts keep insertion order)
             data = dict(list(data.items())[-MAX_CACHE_ENTRIES:])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".hashes-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from harness.store import atomic_write_text
+
+        atomic_write_text(path, json.dumps(data))
     except OSError as exc:
         log.warning("cannot write the hash cache %s: %s", path, exc)
 

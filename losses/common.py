@@ -12,6 +12,18 @@ def check_k(k: int, num_classes: int) -> None:
         raise ValueError(f"k={k} must satisfy 1 <= k < num_classes={num_classes}")
 
 
+def check_p_k(p_k: list | tuple) -> list[float]:
+    """P_K as floats; one-line ValueError unless it is a non-empty, non-negative distribution (sum 1)."""
+    p_k = [float(p) for p in p_k]
+    if not p_k:
+        raise ValueError("p_k must be a non-empty list")
+    if any(p < 0 for p in p_k):
+        raise ValueError(f"p_k must be non-negative, got {p_k}")
+    if not 0.9999 < sum(p_k) < 1.0001:
+        raise ValueError(f"p_k must sum to 1, got {p_k} (sum {sum(p_k)})")
+    return p_k
+
+
 def working_precision(scores: torch.Tensor) -> torch.Tensor:
     """Scores in the precision a loss computes in: float64 stays, everything else becomes float32
     (bf16/fp16 logits from autocast get float32 loss math)."""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.registry import Param
-from losses.common import working_precision
+from losses.common import check_p_k, working_precision
 
 TOP1_MODES = ("sort", "sm", "smce")
 DEFAULT_P_K = [0.5, 0.0, 0.0, 0.0, 0.5]
@@ -54,13 +54,7 @@ class TopKCrossEntropy(nn.Module):
         super().__init__()
         if top1_mode not in TOP1_MODES:
             raise ValueError(f"top1_mode must be one of {TOP1_MODES}, got {top1_mode!r}")
-        p_k = [float(p) for p in p_k]
-        if not p_k:
-            raise ValueError("p_k must be a non-empty list")
-        if any(p < 0 for p in p_k):
-            raise ValueError(f"p_k must be non-negative, got {p_k}")
-        if not 0.9999 < sum(p_k) < 1.0001:
-            raise ValueError(f"p_k must sum to 1, got {p_k} (sum {sum(p_k)})")
+        p_k = check_p_k(p_k)
         k = len(p_k)
         if num_classes < 2 or k >= num_classes:
             raise ValueError(f"K=len(p_k)={k} must satisfy K < num_classes={num_classes}")

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.registry import Linear, Log, Param, register_loss
-from losses.common import working_precision
+from losses.common import check_p_k, working_precision
 from losses.reference_difftopk import difftopk_reference
 from losses.difftopk.label_mass import network_label_mass
 from losses.difftopk.networks import NETWORKS, TorchNetwork
@@ -69,13 +69,7 @@ class DiffTopKLoss(nn.Module):
             raise ValueError(f"top1_mode must be one of {TOP1_MODES}, got {top1_mode!r}")
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
-        p_k = [float(p) for p in p_k]
-        if not p_k:
-            raise ValueError("p_k must be a non-empty list")
-        if any(p < 0 for p in p_k):
-            raise ValueError(f"p_k must be non-negative, got {p_k}")
-        if not 0.9999 < sum(p_k) < 1.0001:
-            raise ValueError(f"p_k must sum to 1, got {p_k} (sum {sum(p_k)})")
+        p_k = check_p_k(p_k)
         self.k = k = len(p_k)
         if num_classes < 2 * k:
             raise ValueError(f"num_classes={num_classes} < 2K={2 * k}: top-K with K={k} needs n >= 2K")
