@@ -60,7 +60,7 @@ def soft_topk(s: torch.Tensor, k: int, epsilon: float = 0.01, iterations: int = 
     "soft_topk",
     family="soft_topk",
     paper="Xie, Dai, Chen, Dong, Zha, Zha, Pfister. Differentiable Top-k with Optimal Transport. NeurIPS 2020",
-    version=1,
+    version=2,  # 2: finite backward on nearly hard plans (v1 went NaN in training)
     contract={"params": {"p_k": [0.5, 0.5]}, "min_classes": 3},  # harness.testing: K = len(p_k) < n
     params={
         **topk_ce_params(),

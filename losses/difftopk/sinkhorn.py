@@ -145,27 +145,55 @@ class _EntropicPlan(torch.autograd.Function):
         # dimension are several times slower in torch than along a middle one
         logits = (c64.transpose(1, 2) / -eps + g.unsqueeze(2) / eps).contiguous()
         plan_t = torch.softmax(logits, dim=1) / c64.shape[1]  # [B, r, n]
-        ctx.save_for_backward(plan_t, b[:1].log())
+        ctx.save_for_backward(plan_t)
         ctx.eps = eps
         return plan_t.to(cost.dtype).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_plan):  # type: ignore[override]
-        pi, log_b = ctx.saved_tensors  # pi: [B, r, n]
-        n = pi.shape[2]
-        a, b = 1.0 / n, log_b.double().exp().view(1, -1)
+        (pi,) = ctx.saved_tensors  # [B, r, n]
+        a = 1.0 / pi.shape[2]
         weighted = grad_plan.double().transpose(1, 2) * pi / ctx.eps  # [B, r, n]
         row, col = weighted.sum(1), weighted.sum(2)  # [B, n], [B, r]
-        schur = torch.diag_embed(b.expand_as(col)) - pi @ pi.transpose(1, 2) / a  # [B, r, r]
+        schur = _schur_laplacian(pi, a)  # [B, r, r]
         rhs = col - (pi @ (row / a).unsqueeze(2)).squeeze(2)
         w = torch.zeros_like(col)
-        if pi.device.type == "cpu":  # many tiny systems: compiled elimination beats batched LAPACK calls
-            w[:, :-1] = torch.from_numpy(solve_systems(schur[:, :-1, :-1].numpy(), rhs[:, :-1].numpy()))
-        else:
-            w[:, :-1] = torch.linalg.solve(schur[:, :-1, :-1], rhs[:, :-1])
+        w[:, :-1] = _solve_guarded(schur[:, :-1, :-1], rhs[:, :-1])
         u = (row - (w.unsqueeze(1) @ pi).squeeze(1)) / a
         grad_cost = pi * (u.unsqueeze(1) + w.unsqueeze(2)) - weighted
         return grad_cost.transpose(1, 2).to(grad_plan.dtype), None, None, None, None, None
+
+
+def _schur_laplacian(pi: torch.Tensor, a: float) -> torch.Tensor:
+    """diag(b) − ππᵀ/a for a plan pi [B, r, n] (row masses a, anchor masses b), [B, r, r].
+
+    Built as the graph Laplacian of its off-diagonal weights W_jl = Σ_i π_ji·π_li/a (diagonal = their
+    row sums, since Σ_l π_li = a): the direct form cancels b_j against Σ_i π_ji²/a and, for a nearly hard
+    plan (anchors almost decoupled), returns 0 or a negative number where the true value is tiny and
+    positive, which made the backward NaN in training.
+    """
+    weights = pi @ pi.transpose(1, 2) / a
+    weights.diagonal(dim1=1, dim2=2).zero_()
+    return torch.diag_embed(weights.sum(2)) - weights
+
+
+def _solve_guarded(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Batched solve of the small Schur systems; a system that is singular in float64 (anchors whose
+    couplings underflowed: the plan's derivative along them is exactly 0) is solved with a ridge of
+    1e−30·max|entry| instead, which leaves its coupled part intact and its decoupled part finite."""
+    if matrix.device.type == "cpu":  # many tiny systems: compiled elimination beats batched LAPACK calls
+        x = torch.from_numpy(solve_systems(matrix.numpy(), rhs.numpy()))
+    else:
+        x, info = torch.linalg.solve_ex(matrix, rhs)
+        x = torch.where((info == 0).unsqueeze(1), x, float("nan"))
+    bad = ~torch.isfinite(x).all(1)
+    if bool(bad.any()):
+        sub = matrix[bad]
+        ridge = 1e-30 * sub.abs().amax((1, 2), keepdim=True).clamp_min(1e-300)
+        eye = torch.eye(sub.shape[1], dtype=sub.dtype, device=sub.device)
+        x[bad] = torch.linalg.lstsq(sub + ridge * eye, rhs[bad].unsqueeze(2)).solution.squeeze(2).nan_to_num(
+            0.0, 0.0, 0.0)
+    return x
 
 
 def entropic_plan(cost: torch.Tensor, log_b: torch.Tensor, eps: float, iterations: int = 100,

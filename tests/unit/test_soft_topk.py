@@ -77,3 +77,37 @@ def test_loss_sorted_reads_the_mixture_off_one_plan():
     q = sum(p * soft_topk(s, k, 0.05, tolerance=1e-12)[torch.arange(4), y] for k, p in [(1, 0.2), (2, 0.3), (3, 0.5)])
     unsorted = harness.build_loss("soft_topk", 11, **kw)
     assert abs(unsorted(s, y).item() - (-torch.log(q * (1 - 2e-7) + 1e-7)).mean().item()) < 1e-12
+
+
+# A preselected row of a trained network's logits (m = 16) on which the soft mask is hard to 1e−17:
+# the first five scores are 0.28 above the rest. Its Schur system was 0 by cancellation and the
+# backward returned NaN in training (epoch 0, step 25 of the synthetic suite).
+NEAR_HARD_ROW = [0.6400, 0.6021, 0.5916, 0.5817, 0.5744, 0.2979, 0.2869, 0.2613, 0.2470, 0.2154, 0.1920, 0.1890,
+                 0.1864, 0.1692, 0.1622, 0.1468]
+
+
+@pytest.mark.parametrize("sorted_", [False, True])
+@pytest.mark.parametrize("eps", [0.01, 0.003])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_near_hard_plan_has_finite_gradient_equal_to_finite_differences(sorted_, eps, dtype):
+    s = torch.tensor([NEAR_HARD_ROW], dtype=torch.float64)
+    pick = [0, 4, 5, 15]
+
+    def f(x):
+        return soft_topk_plan(x, 5, eps, sorted_)[0, pick].sum()
+
+    x = s.to(dtype).requires_grad_()
+    (grad,) = torch.autograd.grad(f(x), x)
+    assert torch.isfinite(grad).all()
+    h = 1e-6
+    fd = torch.stack([(f(s + h * e) - f(s - h * e)) / (2 * h) for e in torch.eye(16, dtype=torch.float64)])
+    assert (grad.double()[0] - fd).abs().max() < (1e-9 if dtype == torch.float64 else 1e-4)
+
+
+def test_near_hard_training_batch_keeps_the_loss_gradient_finite():
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.tensor([NEAR_HARD_ROW]) * torch.linspace(1, 30, 64).view(-1, 1)  # logit scales 1..30
+    logits = torch.cat([rows, torch.randn(64, 84, generator=gen) * 0.1], 1).requires_grad_()
+    loss = harness.build_loss("soft_topk", 100, m=16)(logits, torch.zeros(64, dtype=torch.long))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
