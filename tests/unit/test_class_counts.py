@@ -1,7 +1,6 @@
 """The dataset's true class counts reach a loss that takes `class_counts` (Garcin et al.'s imbalanced loss)."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from harness.store import RunStore
