@@ -9,18 +9,22 @@ Per row (scores s, max M), once:
 2. pick a threshold t0 = M − j0·Δ whose expected number of exceedances Σ_i P(s_i + εZ_i > t0) is about
    k+1 + a few standard deviations (estimated from the bucket counts; t0 only affects speed, not the law).
 Per draw, every entry's normal Z_i is generated lazily: for an entry in bucket g with top edge u_g, the
-event Z_i > a_g := (t0 − u_g)/ε ≤ (t0 − s_i)/ε has probability q_g = Φ̄(a_g), a bucket constant. The
-entries with Z_i > a_g are found by a Poisson walk over the buckets (hazard −log(1 − q_g) per entry, one
-exponential per hit), their Z_i drawn from N(0, 1) truncated to (a_g, ∞) (Robert 1995), and entry i
-exceeds t0 iff s_i + εZ_i > t0. Far buckets (a_g ≥ DFAR·W) share one walk over all n positions. Since
+event Z_i > a_g := (t0 − u_g)/ε ≤ (t0 − s_i)/ε has probability q_g = Φ̄(a_g), a bucket constant. In the
+buckets with q_g ≥ QB every entry's normal is simply drawn (cheaper than thinning); in the sparser ones the
+entries with Z_i > a_g are found by a Poisson walk (hazard −log(1 − q_g) per entry, one exponential per
+hit) and their Z_i drawn from N(0, 1) truncated to (a_g, ∞) (Robert 1995). Entry i exceeds t0 iff
+s_i + εZ_i > t0. Buckets more than DFAR·W·ε (3 ε) below t0 share one walk over all n positions. Since
 {i : s_i + εZ_i > t0} holds every noised value above t0 with its exact conditional law, the (k+1)-th
 largest is read off it whenever it has ≥ k+1 entries; otherwise (rare) the remaining entries are drawn
 from N(s_i, ε²) truncated to (−∞, t0], which is their exact conditional law given the exceedances.
-Cost per draw: O(k + √k) truncated normals; per row one O(n) pass plus O(buckets).
+Cost per draw: the entries within ~1 ε of t0 plus O(k + √k) truncated normals; per row a few O(n) passes
+(vectorised max/min and bucket codes, a counting sort of the entries within 3 ε of t0).
 
-Random numbers come from SplitMix64 (Steele et al. 2014) seeded per row from one torch draw, so
+Random numbers come from SplitMix64 (Steele et al. 2014; normals by Marsaglia & Tsang's ziggurat, as
+Doornik's ZIGNOR) seeded per row from one torch draw, so
 `torch.manual_seed` makes the loss reproducible; the stream differs from pytopk's `torch.randn`, so only the
-law (not the sample) matches pytopk. Computation is float64 inside; the CPU kernel is compiled with numba.
+law (not the sample) matches pytopk. Computation is float64 inside (exact up to float64 rounding of the
+bucket edges); the CPU kernel is compiled with numba (cached on disk), one thread.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import numpy as np
 
 W = 0.25  # bucket width in units of ε (rows spanning more than J buckets get wider ones)
 J = 2048  # buckets per row
-DFAR = 14  # buckets whose bound a_g = d·W ≥ DFAR·W (3.5 ε below t0) go to the shared far walk
+DFAR = 12  # buckets whose bound a_g = d·W ≥ DFAR·W (3 ε below t0) go to the shared far walk
 DMIN = -40  # buckets with a_g ≤ DMIN·W (t0 10 ε above their top) exceed with probability 1 − 1e-23: q = 1
 DUP = 64  # t0 lies at most DUP buckets above the row max
 DMU = 40  # the expected count sums buckets up to DMU below t0 (Φ̄(10) ≈ 8e-24 beyond)
@@ -69,28 +73,80 @@ def _unif(st):  # type: ignore[no-untyped-def]
     return (float(_next_jit(st) >> np.uint64(11)) + 0.5) * 1.1102230246251565e-16
 
 
-def _normal(st):  # type: ignore[no-untyped-def]
-    """Standard normal (Box–Muller, one of the pair)."""
-    return math.sqrt(-2.0 * math.log(_unif_jit(st))) * math.cos(6.283185307179586 * _unif_jit(st))
+def _ziggurat_tables(c: int = 128, r: float = 3.442619855899, v: float = 9.91256303526217e-3):
+    """Layer edges X and ratios R of Marsaglia & Tsang's ziggurat for N(0, 1), as in Doornik's ZIGNOR (2005)."""
+    x = np.zeros(c + 1)
+    f = math.exp(-0.5 * r * r)
+    x[0], x[1] = v / f, r
+    for i in range(2, c):
+        x[i] = math.sqrt(-2.0 * math.log(v / x[i - 1] + f))
+        f = math.exp(-0.5 * x[i] * x[i])
+    return x, x[1:] / x[:-1]
 
 
-def _tn_above(a, lam, st):  # type: ignore[no-untyped-def]
-    """Z ~ N(0, 1) conditioned on Z > a (a = −inf: no condition). a < 0: rejection from N(0, 1) (acceptance
-    ≥ ½); a ≥ 0: Robert's (1995) translated exponential with rate lam = (a + √(a² + 4))/2 (acceptance ≥ 0.76)."""
-    if a < 0.0:
+_ZX, _ZR = _ziggurat_tables()
+_ZIG_R = 3.442619855899
+
+
+def _normal(st, nz):  # type: ignore[no-untyped-def]
+    """Standard normal by the ziggurat (ZIGNOR: 128 layers, Marsaglia's tail beyond R); nz is unused."""
+    while True:
+        bits = _next_jit(st)
+        u = 2.0 * ((float(bits >> np.uint64(11)) + 0.5) * 1.1102230246251565e-16) - 1.0
+        i = int(bits & np.uint64(0x7F))  # the low bits, not those of u
+        if abs(u) < _ZR[i]:
+            return u * _ZX[i]
+        if i == 0:  # the base layer's tail
+            while True:
+                x = math.log(_unif_jit(st)) / _ZIG_R
+                y = math.log(_unif_jit(st))
+                if -2.0 * y >= x * x:
+                    return x - _ZIG_R if u < 0.0 else _ZIG_R - x
+        x = u * _ZX[i]
+        f0 = math.exp(-0.5 * (_ZX[i] * _ZX[i] - x * x))
+        f1 = math.exp(-0.5 * (_ZX[i + 1] * _ZX[i + 1] - x * x))
+        if f1 + _unif_jit(st) * (f0 - f1) < 1.0:
+            return x
+
+
+def _tn_above(a, lam, st, nz):  # type: ignore[no-untyped-def]
+    """Z ~ N(0, 1) conditioned on Z > a (a = −inf: no condition). a < 0.3: rejection from N(0, 1) (acceptance
+    ≥ 0.38); else Robert's (1995) translated exponential with rate lam = (a + √(a² + 4))/2 (acceptance
+    ≥ 0.8), with the squeeze e^{−x} ≥ 1 − x sparing most exponentials."""
+    if a < 0.3:
         while True:
-            z = _normal_jit(st)
+            z = _normal_jit(st, nz)
             if z > a:
                 return z
     while True:
         z = a - math.log(_unif_jit(st)) / lam
-        d = z - lam
-        if _unif_jit(st) <= math.exp(-0.5 * d * d):
+        d = 0.5 * (z - lam) * (z - lam)
+        u = _unif_jit(st)
+        if u <= 1.0 - d or u <= math.exp(-d):
             return z
 
 
+def _minmax(row):  # type: ignore[no-untyped-def]
+    """(max, min) of a row; fastmath and four accumulators each, to pipeline or vectorise (NaN rows are caught
+    by the caller)."""
+    n = row.shape[0]
+    m0 = m1 = m2 = m3 = row[0]
+    n0 = n1 = n2 = n3 = row[0]
+    i = 0
+    while i + 4 <= n:
+        m0, n0 = max(m0, row[i]), min(n0, row[i])
+        m1, n1 = max(m1, row[i + 1]), min(n1, row[i + 1])
+        m2, n2 = max(m2, row[i + 2]), min(n2, row[i + 2])
+        m3, n3 = max(m3, row[i + 3]), min(n3, row[i + 3])
+        i += 4
+    while i < n:
+        m0, n0 = max(m0, row[i]), min(n0, row[i])
+        i += 1
+    return float(max(max(m0, m1), max(m2, m3))), float(min(min(n0, n1), min(n2, n3)))
+
+
 def _select(vals, idx, cnt, r):  # type: ignore[no-untyped-def]
-    """Partially reorder vals[:cnt] (idx alongside) so that position r−1 holds the r-th largest; return it."""
+    """Partially reorder vals[:cnt] (idx alongside) so that position r−1 holds the r-th largest; return r−1."""
     lo, hi, t = 0, cnt - 1, r - 1
     while lo < hi:
         p = vals[(lo + hi) // 2]
@@ -114,44 +170,50 @@ def _select(vals, idx, cnt, r):  # type: ignore[no-untyped-def]
     return t
 
 
+def _expected(hist, cum, gmax, j0, mid):  # type: ignore[no-untyped-def]
+    """Estimated Σ_i P(s_i + εZ_i > M − j0·Δ) from the bucket counts (bucket midpoints); cum[g] = Σ_{g' < g}
+    hist[g']. Buckets more than 16 below t0 (4 ε at the finest width) are left out, those more than 16 above
+    count fully: this only steers t0, never the law."""
+    g0 = min(max(j0 - 16, 0), gmax + 1)
+    tot = float(cum[g0])
+    for g in range(g0, min(j0 + 16, gmax) + 1):
+        tot += hist[g] * mid[g - j0 - DMIN]
+    return tot
+
+
+QB = 0.15  # buckets with q ≥ QB draw every entry's normal; sparser ones skip by exponential gaps
+
+
 def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ignore[no-untyped-def]
     """For every row b of s [B, n] and draw j: out_val[b, j], out_idx[b, j] = value and position of the
     k1-th largest entry of s[b] + εZ (see the module docstring). seed: uint64."""
     nb, n = s.shape
     ns = out_val.shape[1]
-    code = np.empty(n, np.int64)
+    code = np.empty(n, np.int32)
     hist = np.zeros(J + 1, np.int64)
-    start = np.empty(J + 1, np.int64)
+    cum = np.zeros(J + 2, np.int64)
+    fill = np.empty(J + 2, np.int64)
     lst = np.empty(n, np.int64)
-    nonempty = np.empty(J, np.int64)
     vals = np.empty(n, np.float64)
     idx = np.empty(n, np.int64)
     mark = np.zeros(n, np.uint8)
-    cum = np.zeros(J + 2, np.int64)
-    fill = np.empty(J + 1, np.int64)
+    # per non-empty near bucket: first list slot, size, q, hazard, truncation point, Robert rate
+    b_start = np.empty(J, np.int64)
+    b_size = np.empty(J, np.int64)
+    b_q = np.empty(J)
+    b_h = np.empty(J)
+    b_a = np.empty(J)
+    b_lam = np.empty(J)
     q, haz, lam, mid = np.empty(_NT), np.empty(_NT), np.empty(_NT), np.empty(_NM)
     st = np.empty(1, np.uint64)
+    nz = np.zeros(2)
     target = k1 + 2.5 * math.sqrt(k1) + 3.0
     for b in range(nb):
         row = s[b]
         st[0] = seed + np.uint64(b) * np.uint64(0xD1B54A32D192ED03)
         _next_jit(st)
-        # --- pass 1: max, min, finiteness
-        m = float(row[0])
-        mn = m
-        tot = 0.0
-        for i in range(n):
-            v = float(row[i])
-            tot += v
-            if v > m:
-                m = v
-            if v < mn:
-                mn = v
-        if not math.isfinite(tot):
-            for j in range(ns):
-                out_val[b, j] = math.nan
-                out_idx[b, j] = 0
-            continue
+        nz[0] = 0.0
+        m, mn = _minmax_jit(row)
         # --- bucket width: W·ε, wider when the row spans more than J − 1 buckets
         w = W
         if m - mn > (J - 1) * W * eps:
@@ -164,23 +226,32 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
             mid[:] = mid0
         delta = w * eps
         inv = 1.0 / delta
-        # --- pass 2: bucket codes (bucket g holds M − (g+1)Δ < s ≤ M − gΔ) and counts
-        gmax = 0
+        # --- bucket codes (bucket g holds M − (g+1)Δ < s ≤ M − gΔ) and counts; non-finite rows give NaN
+        bad = False
+        for i in range(n):  # branch-free, so that it vectorises
+            x = (m - float(row[i])) * inv
+            bad |= not x < 1e18
+            code[i] = max(min(int(min(x, 1e18)), J - 1), 0)
         for i in range(n):
-            g = int((m - float(row[i])) * inv)
-            if g > J - 1:
-                g = J - 1
-            code[i] = g
-            hist[g] += 1
-            if g > gmax:
-                gmax = g
+            hist[code[i]] += 1
+        if bad:
+            hist[:] = 0
+            out_val[b, :] = math.nan
+            out_idx[b, :] = 0
+            continue
+        gmax = min(int((m - mn) * inv), J - 1)
         for g in range(gmax + 1):
             cum[g + 1] = cum[g] + hist[g]
         # --- t0 = M − j0·Δ: the highest with expected exceedances ≥ target (dense when none is)
-        lo, hi = -DUP, gmax + DFAR
+        gt = 0
+        while gt < gmax and cum[gt + 1] < target:
+            gt += 1
+        lo, hi = max(gt - 40, -DUP), gt + 20
         if _expected_jit(hist, cum, gmax, hi, mid) < target:
-            j0 = gmax - DMIN  # every entry exceeds t0 with probability 1 - 1e-23: drawn as plain normals
+            j0 = gmax - DMIN  # every entry exceeds t0 with probability 1 − 1e-23: drawn as plain normals
         else:
+            if _expected_jit(hist, cum, gmax, lo, mid) >= target:
+                lo = -DUP
             while hi - lo > 1:
                 mdl = (lo + hi) // 2
                 if _expected_jit(hist, cum, gmax, mdl, mid) >= target:
@@ -190,18 +261,30 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
             j0 = hi
         t0 = m - j0 * delta
         gnear = min(gmax + 1, max(j0 + DFAR, 0))  # buckets 0..gnear−1 walk on their own, the rest share one
-        # --- pass 3: list the near entries bucket by bucket
+        # --- list the near entries bucket by bucket, and the buckets' constants
         nne = 0
         pos = 0
         for g in range(gnear):
-            start[g] = pos
-            pos += hist[g]
+            fill[g] = pos
             if hist[g] > 0:
-                nonempty[nne] = g
+                d = max(g - j0, DMIN)
+                t = d - DMIN
+                b_start[nne] = pos
+                b_size[nne] = hist[g]
+                b_q[nne] = q[t]
+                b_h[nne] = haz[t]
+                b_a[nne] = -math.inf if t == 0 else d * w
+                b_lam[nne] = lam[t]
                 nne += 1
+            pos += hist[g]
         nnear = pos
-        if nnear > 0:
-            fill[:gnear] = start[:gnear]
+        if 8 * nnear > n:  # branch-free: far entries go to a scratch tail (no mispredicted branches)
+            fill[gnear] = nnear
+            for i in range(n):
+                g = min(code[i], gnear)
+                lst[fill[g]] = i
+                fill[g] += 1
+        elif nnear > 0:  # few near entries: a rarely taken branch is cheaper
             for i in range(n):
                 g = code[i]
                 if g < gnear:
@@ -214,31 +297,30 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
             cnt = 0
             e = -math.log(_unif_jit(st))
             for u in range(nne):
-                g = nonempty[u]
-                d = g - j0
-                if d < DMIN:
-                    d = DMIN
-                t = d - DMIN
-                h = haz[t]
-                a = -math.inf if t == 0 else d * w
-                ng = hist[g]
-                p = 0
-                while p < ng:
-                    if h == math.inf:
-                        off = 0
-                    else:
-                        f = e / h
-                        if not f < ng - p:
-                            e -= (ng - p) * h
-                            break
-                        off = int(f)
-                    i = lst[start[g] + p + off]
-                    x = float(row[i]) + eps * _tn_above_jit(a, lam[t], st)
-                    if x > t0:
-                        vals[cnt] = x
+                ng = b_size[u]
+                base = b_start[u]
+                qq = b_q[u]
+                a = b_a[u]
+                if qq >= QB:  # dense bucket: every entry's normal is drawn in full (cheaper than thinning)
+                    for p in range(ng):
+                        i = lst[base + p]
+                        vals[cnt] = float(row[i]) + eps * _normal_jit(st, nz)
                         idx[cnt] = i
-                        cnt += 1
-                    p += off + 1
+                        cnt += vals[cnt] > t0  # kept iff it exceeds t0 (branch-free)
+                    continue
+                h = b_h[u]
+                p = 0
+                while True:  # sparse bucket: exponential gaps of the Poisson walk, e carried between buckets
+                    f = e / h
+                    if not f < ng - p:
+                        e -= (ng - p) * h
+                        break
+                    p += int(f)
+                    i = lst[base + p]
+                    vals[cnt] = float(row[i]) + eps * _tn_above_jit(a, b_lam[u], st, nz)
+                    idx[cnt] = i
+                    cnt += vals[cnt] > t0
+                    p += 1
                     e = -math.log(_unif_jit(st))
             if nnear < n:  # far entries: one walk over all positions, near ones skipped
                 p = 0
@@ -248,7 +330,7 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
                         break
                     i = p + int(f)
                     if code[i] >= gnear:
-                        x = float(row[i]) + eps * _tn_above_jit(afar, lfar, st)
+                        x = float(row[i]) + eps * _tn_above_jit(afar, lfar, st, nz)
                         if x > t0:
                             vals[cnt] = x
                             idx[cnt] = i
@@ -268,7 +350,7 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
                     continue
                 si = float(row[i])
                 ai = (t0 - si) / eps
-                z = -_tn_above_jit(-ai, 0.5 * (-ai + math.sqrt(ai * ai + 4.0)), st)
+                z = -_tn_above_jit(-ai, 0.5 * (-ai + math.sqrt(ai * ai + 4.0)), st, nz)
                 vals[c2] = si + eps * z
                 idx[c2] = i
                 c2 += 1
@@ -282,19 +364,10 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
             hist[g] = 0
 
 
-def _expected(hist, cum, gmax, j0, mid):  # type: ignore[no-untyped-def]
-    """Estimated Σ_i P(s_i + εZ_i > M − j0·Δ) from the bucket counts (bucket midpoints); cum[g] = Σ_{g' < g}
-    hist[g']."""
-    g0 = min(max(j0 + DMIN, 0), gmax + 1)
-    tot = float(cum[g0])  # buckets more than −DMIN·W·ε above t0 count fully
-    for g in range(g0, min(j0 + DMU, gmax) + 1):
-        tot += hist[g] * mid[g - j0 - DMIN]
-    return tot
-
-
 _next_jit = _next
 _unif_jit = _unif
 _normal_jit = _normal
+_minmax_jit = _minmax
 _tn_above_jit = _tn_above
 _select_jit = _select
 _expected_jit = _expected
@@ -311,10 +384,13 @@ def _kernel():  # type: ignore[no-untyped-def]
 
         jit = numba.njit(cache=True, error_model="numpy")  # x / 0 = inf where a hazard underflows to 0
         g = globals()
+        inline = numba.njit(cache=True, error_model="numpy", inline="always")  # no per-call array refcounts
         for name, fn in (("_next_jit", _next), ("_unif_jit", _unif), ("_normal_jit", _normal),
-                         ("_tn_above_jit", _tn_above), ("_select_jit", _select), ("fill_tables_jit", fill_tables),
-                         ("_expected_jit", _expected)):
+                         ("_tn_above_jit", _tn_above)):
+            g[name] = inline(fn)
+        for name, fn in (("_select_jit", _select), ("fill_tables_jit", fill_tables), ("_expected_jit", _expected)):
             g[name] = jit(fn)
+        g["_minmax_jit"] = numba.njit(cache=True, fastmath=True)(_minmax)
         _KERNEL = jit(_rows)
         tables = (np.empty(_NT), np.empty(_NT), np.empty(_NT), np.empty(_NM))
         fill_tables(W, *tables)
