@@ -374,6 +374,17 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
         hist[: gmax + 1] = 0
 
 
+def _hinge_grad(pos, labels, w, out):  # type: ignore[no-untyped-def]
+    """out[b] = w_b·(mean_j onehot(pos[b, j]) − onehot(labels[b])): the loss gradient, written in one pass."""
+    nb, ns = pos.shape
+    for b in range(nb):
+        out[b, :] = 0.0
+        if w[b] != 0.0:
+            for j in range(ns):
+                out[b, pos[b, j]] += w[b] / ns
+            out[b, labels[b]] -= w[b]
+
+
 _next_jit = _next
 _unif_jit = _unif
 _normal_jit = _normal
@@ -382,6 +393,7 @@ _tn_above_jit = _tn_above
 _select_jit = _select
 _expected_jit = _expected
 fill_tables_jit = fill_tables
+hinge_grad = _hinge_grad  # replaced by the compiled version in _kernel()
 _KERNEL = None
 _TABLES: tuple[np.ndarray, ...] | None = None
 
@@ -401,6 +413,7 @@ def _kernel():  # type: ignore[no-untyped-def]
         for name, fn in (("_select_jit", _select), ("fill_tables_jit", fill_tables), ("_expected_jit", _expected)):
             g[name] = jit(fn)
         g["_minmax_jit"] = numba.njit(cache=True, fastmath=True)(_minmax)
+        g["hinge_grad"] = jit(_hinge_grad)
         _KERNEL = jit(_rows)
         tables = (np.empty(_NT), np.empty(_NT), np.empty(_NT), np.empty(_NM))
         fill_tables(W, *tables)
