@@ -24,16 +24,34 @@ noise at every call from torch's generator (seed torch for reproducibility).
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from harness.registry import Log, Param, register_loss
+from harness.registry import Log, Param, ReferenceImpl, register_loss
 from losses.common import check_k, working_precision
 
 log = logging.getLogger(__name__)
+
+
+def pytopk_reference(loss: Any, num_classes: int, options: dict[str, Any]) -> list[ReferenceImpl]:
+    """bench-loss row for the `pytopk` package itself (the same loss, drawing every normal)."""
+    missing = None if importlib.util.find_spec("pytopk") is not None else "pytopk is not installed"
+
+    def build(device: torch.device) -> Any:
+        import pytopk
+
+        if loss.imbalanced:
+            counts = loss.class_counts if loss.class_counts is not None else [1] * num_classes
+            return pytopk.ImbalNoisedTopK(k=loss.k, epsilon=loss.epsilon, max_m=loss.max_m, cls_num_list=counts,
+                                          scale=loss.scale, n_sample=loss.n_sample).to(device)
+        return pytopk.BalNoisedTopK(k=loss.k, epsilon=loss.epsilon, n_sample=loss.n_sample)
+
+    return [ReferenceImpl("ref:pytopk", build, missing)]
 
 
 @register_loss(
@@ -43,6 +61,7 @@ log = logging.getLogger(__name__)
     "loss for deep imbalanced classification. ICML 2022",
     version=1,
     contract={"gradcheck": False},  # Monte-Carlo smoothing: its gradient is tested in tests/unit/test_noised.py
+    reference=pytopk_reference,
     params={
         "k": Param(int, 5, ge=1, doc="k of top-k (k < num_classes)"),
         "epsilon": Param(float, 1.0, gt=0.0, doc="noise scale ε of the smoothed top-k",
@@ -84,6 +103,7 @@ class NoisedTopK(nn.Module):
         self.num_classes, self.k, self.imbalanced = num_classes, k, imbalanced
         self.epsilon, self.n_sample = float(epsilon), int(n_sample)
         self.scale = float(scale) if imbalanced else 1.0
+        self.max_m, self.class_counts = float(max_m), (list(class_counts) if class_counts is not None else None)
         self.dense: bool | None = None  # None: lazy sampler on the CPU, dense elsewhere (see noised_kth)
         from losses.noised_sampler import _kernel
 

@@ -78,6 +78,25 @@ def test_dense_path_is_pytopk_draw_for_draw(imbalanced: bool, params: dict) -> N
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("params", [dict(k=2, epsilon=0.5, n_sample=3),
+                                    dict(k=1, imbalanced=True, max_m=0.4, scale=3.0, class_counts=[5, 1, 9, 2, 7, 3])])
+def test_bench_reference_row_is_pytopk(params: dict) -> None:
+    """bench-loss's `ref:pytopk` row is the package with our parameters (same draws as our dense path)."""
+    pytest.importorskip("pytopk")
+    from harness.lossbench import reference_impls
+
+    (impl,) = reference_impls("noised_topk", params, 6, {})
+    assert impl.label == "ref:pytopk" and impl.unavailable is None
+    ref = impl.build(torch.device("cpu"))
+    ours = build_loss("noised_topk", 6, **params)
+    ours.dense = True
+    s, y = _data(6, 16, 6)
+    torch.manual_seed(3)
+    a = ours(s, y)
+    torch.manual_seed(3)
+    assert ref(s, y).item() == pytest.approx(a.item(), rel=1e-6)
+
+
 def _z_max(a: np.ndarray, b: np.ndarray) -> float:
     """Largest |difference of means| / standard error over the trailing entries of two [R, ...] samples."""
     se = np.sqrt(a.var(0, ddof=1) / len(a) + b.var(0, ddof=1) / len(b))
