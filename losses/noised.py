@@ -163,8 +163,9 @@ class _NoisedHinge(torch.autograd.Function):
         if grad_out.device.type == "cpu":  # one compiled pass writes the [B, n] gradient
             from losses import noised_sampler
 
+            noised_sampler._kernel()  # compiles hinge_grad too
             grad = torch.empty(ctx.shape, dtype=grad_out.dtype)
-            noised_sampler.hinge_grad(pos.numpy(), labels.numpy(), w.numpy(), grad.numpy())
+            noised_sampler.hinge_grad(pos.numpy(), labels.numpy(), w.detach().numpy(), grad.numpy())
             return grad, None, None, None, None, None, None, None
         grad = torch.zeros(ctx.shape, dtype=grad_out.dtype, device=grad_out.device)
         grad.scatter_add_(1, pos, (w / pos.shape[1])[:, None].expand(-1, pos.shape[1]).contiguous())
