@@ -105,9 +105,9 @@ class NoisedTopK(nn.Module):
         self.scale = float(scale) if imbalanced else 1.0
         self.max_m, self.class_counts = float(max_m), (list(class_counts) if class_counts is not None else None)
         self.dense: bool | None = None  # None: lazy sampler on the CPU, dense elsewhere (see noised_kth)
-        from losses.noised_sampler import _kernel
+        from losses.noised_sampler import warm_up
 
-        _kernel()  # load (or compile) the CPU kernel now, not inside the first training step
+        warm_up()  # load (or compile) the CPU kernels now, not inside the first training step
         if imbalanced:  # pytopk's margins, float32 as there
             counts = np.asarray(list(class_counts) if class_counts is not None else [1] * num_classes, float)
             m_list = 1.0 / np.power(counts, 0.25)

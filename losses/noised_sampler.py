@@ -421,6 +421,13 @@ def _kernel():  # type: ignore[no-untyped-def]
     return _KERNEL
 
 
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the kernels for float32 scores, the common case, so that the
+    first training step (and bench-loss's memory pass) does not pay for it."""
+    sample_kth(np.zeros((1, 2), np.float32), 1, 1.0, 1, 0)
+    hinge_grad(np.zeros((1, 1), np.int64), np.zeros(1, np.int64), np.zeros(1, np.float32), np.zeros((1, 2), np.float32))
+
+
 def sample_kth(s: np.ndarray, k1: int, eps: float, n_sample: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(values [B, n_sample] float64, positions [B, n_sample] int64) of the k1-th largest of s + εZ per draw.
 
