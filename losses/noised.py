@@ -1,30 +1,57 @@
-"""Noised (stochastically smoothed) top-k calibrated hinge of Garcin et al. (2022), via `pytopk`.
+"""Noised (stochastically smoothed) top-k calibrated hinge of Garcin et al. (2022), pytopk's law, own sampler.
 
 C. Garcin, M. Servajean, A. Joly, J. Salmon. "Stochastic smoothing of the top-K calibrated hinge
 loss for deep imbalanced classification", ICML 2022. With Z ~ N(0, I) (n_sample draws per
 sample) the (k+1)-th largest score is smoothed as φ(s) = E_Z[(s + εZ)_[k+1]] (Monte-Carlo mean;
 its gradient is the mean one-hot indicator of the (k+1)-th noised entry), and
 
-* balanced:   ℓ = (1 + φ(s) − s_y)_+                      (pytopk.BalNoisedTopK),
-* imbalanced: ℓ = scale·(m_y + φ(s) − s_y)_+              (pytopk.ImbalNoisedTopK),
+* balanced:   ℓ = (1 + φ(s) − s_y)_+                      (as pytopk.BalNoisedTopK),
+* imbalanced: ℓ = scale·(m_y + φ(s) − s_y)_+              (as pytopk.ImbalNoisedTopK),
 
 with per-class margins m_c ∝ n_c^{−1/4} rescaled so that the largest is max_m (LDAM-style);
 n_c are the class counts (uniform when not given, i.e. m_c = max_m). The package's own default
 scale=50 assumes normalised features and weights; here scale defaults to 1.
-The loss draws fresh noise with torch.randn at every call (seed torch for reproducibility).
+
+Implementation: the reference package `pytopk` draws all B·n·n_sample normals and takes a k-th value
+(~60× `F.cross_entropy` at n = 1000 on a CPU). On the CPU this module samples the same law with
+`losses.noised_sampler` (numba), which draws only the normals that can reach the top k+1 and is exact
+in distribution (its docstring gives the argument); other devices (CUDA) use the dense computation,
+which is pytopk's own (same `torch.randn` layout, so the same sample under the same seed). Both feed
+one autograd Function whose backward is a scatter of the draw counts (and −1 at the label) into one
+[B, n] gradient, as pytopk's. The loss value and gradient therefore match pytopk in distribution
+(tested against it: tests/unit/test_noised.py), not draw for draw on the CPU. The loss draws fresh
+noise at every call from torch's generator (seed torch for reproducibility).
 """
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import logging
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from harness.registry import Log, Param, register_loss
+from harness.registry import Log, Param, ReferenceImpl, register_loss
 from losses.common import check_k, working_precision
 
 log = logging.getLogger(__name__)
+
+
+def pytopk_reference(loss: Any, num_classes: int, options: dict[str, Any]) -> list[ReferenceImpl]:
+    """bench-loss row for the `pytopk` package itself (the same loss, drawing every normal)."""
+    missing = None if importlib.util.find_spec("pytopk") is not None else "pytopk is not installed"
+
+    def build(device: torch.device) -> Any:
+        import pytopk
+
+        if loss.imbalanced:
+            counts = loss.class_counts if loss.class_counts is not None else [1] * num_classes
+            return pytopk.ImbalNoisedTopK(k=loss.k, epsilon=loss.epsilon, max_m=loss.max_m, cls_num_list=counts,
+                                          scale=loss.scale, n_sample=loss.n_sample).to(device)
+        return pytopk.BalNoisedTopK(k=loss.k, epsilon=loss.epsilon, n_sample=loss.n_sample)
+
+    return [ReferenceImpl("ref:pytopk", build, missing)]
 
 
 @register_loss(
@@ -34,7 +61,7 @@ log = logging.getLogger(__name__)
     "loss for deep imbalanced classification. ICML 2022",
     version=1,
     contract={"gradcheck": False},  # Monte-Carlo smoothing: its gradient is tested in tests/unit/test_noised.py
-    requires=("pytopk",),
+    reference=pytopk_reference,
     params={
         "k": Param(int, 5, ge=1, doc="k of top-k (k < num_classes)"),
         "epsilon": Param(float, 1.0, gt=0.0, doc="noise scale ε of the smoothed top-k",
@@ -73,17 +100,74 @@ class NoisedTopK(nn.Module):
         if class_counts is not None:
             if len(class_counts) != num_classes or any(c <= 0 for c in class_counts):
                 raise ValueError(f"class_counts must hold {num_classes} positive counts")
-        pytopk = importlib.import_module("pytopk")
         self.num_classes, self.k, self.imbalanced = num_classes, k, imbalanced
-        if imbalanced:
-            counts = list(class_counts) if class_counts is not None else [1] * num_classes
-            self.impl: nn.Module = pytopk.ImbalNoisedTopK(
-                k=k, epsilon=epsilon, max_m=max_m, cls_num_list=counts, scale=scale,
-                n_sample=n_sample,
-            )
+        self.epsilon, self.n_sample = float(epsilon), int(n_sample)
+        self.scale = float(scale) if imbalanced else 1.0
+        self.max_m, self.class_counts = float(max_m), (list(class_counts) if class_counts is not None else None)
+        self.dense: bool | None = None  # None: lazy sampler on the CPU, dense elsewhere (see noised_kth)
+        from losses.noised_sampler import warm_up
+
+        warm_up()  # load (or compile) the CPU kernels now, not inside the first training step
+        if imbalanced:  # pytopk's margins, float32 as there
+            counts = np.asarray(list(class_counts) if class_counts is not None else [1] * num_classes, float)
+            m_list = 1.0 / np.power(counts, 0.25)
+            m_list = (m_list * (max_m / np.max(m_list))).astype(np.float32)
+            self.register_buffer("m_list", torch.from_numpy(m_list), persistent=False)
         else:
-            self.impl = pytopk.BalNoisedTopK(k=k, epsilon=epsilon, n_sample=n_sample)
+            self.m_list = None
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         s = working_precision(scores)
-        return self.impl(s, labels)
+        margin = 1.0 if self.m_list is None else self.m_list.to(s.device)[labels].to(s.dtype)
+        return _NoisedHinge.apply(s, labels, margin, self.scale, self.k + 1, self.epsilon, self.n_sample,
+                                  self.dense)
+
+
+def noised_kth(s: torch.Tensor, k1: int, epsilon: float, n_sample: int,
+               dense: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values [B, n_sample] (float64) and positions [B, n_sample] of the k1-th largest of s + εZ per draw.
+
+    dense=None: the lazy exact sampler on the CPU, the dense pytopk computation elsewhere; True/False force."""
+    s = s.detach()
+    if dense is None:
+        dense = s.device.type != "cpu"
+    if dense:  # pytopk's computation: Z [B, n, n_sample], k-th value over the classes
+        z = torch.randn(s.shape[0], s.shape[1], n_sample, device=s.device)
+        neg, pos = torch.kthvalue(-(s.unsqueeze(-1) + epsilon * z), k1, dim=1)
+        return (-neg).double(), pos
+    from losses.noised_sampler import sample_kth
+
+    seed = int(torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64).item())
+    vals, pos = sample_kth(np.ascontiguousarray(s.numpy()), k1, epsilon, n_sample, seed)
+    return torch.from_numpy(vals), torch.from_numpy(pos)
+
+
+class _NoisedHinge(torch.autograd.Function):
+    """mean_b relu(scale·(margin_b + φ_b(s) − s_{b,y_b})) with φ_b the Monte-Carlo smoothed (k+1)-th largest."""
+
+    @staticmethod
+    def forward(ctx, s, labels, margin, scale, k1, epsilon, n_sample, dense):  # type: ignore[no-untyped-def, override]
+        vals, pos = noised_kth(s, k1, epsilon, n_sample, dense)
+        phi = vals.to(s.device).mean(dim=1).to(s.dtype)
+        s_y = s.detach().gather(1, labels[:, None]).squeeze(1)
+        z = scale * (margin + phi - s_y)
+        ctx.save_for_backward(pos.to(s.device), labels, z > 0)
+        ctx.scale, ctx.shape = scale, s.shape
+        return torch.relu(z).mean()
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[no-untyped-def, override]
+        pos, labels, active = ctx.saved_tensors
+        b, _ = ctx.shape
+        w = (grad_out * ctx.scale / b) * active.to(grad_out.dtype)
+        if grad_out.device.type == "cpu":  # one compiled pass writes the [B, n] gradient
+            from losses import noised_sampler
+
+            noised_sampler._kernel()  # compiles hinge_grad too
+            grad = torch.empty(ctx.shape, dtype=grad_out.dtype)
+            noised_sampler.hinge_grad(pos.numpy(), labels.numpy(), w.detach().numpy(), grad.numpy())
+            return grad, None, None, None, None, None, None, None
+        grad = torch.zeros(ctx.shape, dtype=grad_out.dtype, device=grad_out.device)
+        grad.scatter_add_(1, pos, (w / pos.shape[1])[:, None].expand(-1, pos.shape[1]).contiguous())
+        grad.scatter_add_(1, labels[:, None], -w[:, None])
+        return grad, None, None, None, None, None, None, None

@@ -1,0 +1,440 @@
+"""Exact lazy sampler of the (k+1)-th largest entry of s + εZ, Z ~ N(0, I), for the noised top-k loss.
+
+`pytopk` draws all n·n_sample normals of a row and takes a k-th value: ~60× `F.cross_entropy` at n = 1000.
+Only the few entries that can reach the top k+1 matter, so this sampler draws a normal only where it can
+matter, and is still exact in distribution (not a truncation: every entry keeps its full Gaussian law).
+
+Per row (scores s, max M), once:
+1. bucket the scores below M in steps Δ = W·ε (coarser when the row spans more than J buckets);
+2. pick a threshold t0 = M − j0·Δ whose expected number of exceedances Σ_i P(s_i + εZ_i > t0) is about
+   k+1 + a few standard deviations (estimated from the bucket counts; t0 only affects speed, not the law).
+Per draw, every entry's normal Z_i is generated lazily: for an entry in bucket g with top edge u_g, the
+event Z_i > a_g := (t0 − u_g)/ε ≤ (t0 − s_i)/ε has probability q_g = Φ̄(a_g), a bucket constant. In the
+buckets with q_g ≥ QB every entry's normal is simply drawn (cheaper than thinning); in the sparser ones the
+entries with Z_i > a_g are found by a Poisson walk (hazard −log(1 − q_g) per entry, one exponential per
+hit) and their Z_i drawn from N(0, 1) truncated to (a_g, ∞) (Robert 1995). Entry i exceeds t0 iff
+s_i + εZ_i > t0. Buckets more than DFAR·W·ε (3 ε) below t0 share one walk over all n positions. Since
+{i : s_i + εZ_i > t0} holds every noised value above t0 with its exact conditional law, the (k+1)-th
+largest is read off it whenever it has ≥ k+1 entries; otherwise (rare) the remaining entries are drawn
+from N(s_i, ε²) truncated to (−∞, t0], which is their exact conditional law given the exceedances.
+Cost per draw: the entries within ~1 ε of t0 plus O(k + √k) truncated normals; per row a few O(n) passes
+(vectorised max/min and bucket codes, a counting sort of the entries within 3 ε of t0).
+
+Random numbers come from SplitMix64 (Steele et al. 2014; normals by Marsaglia & Tsang's ziggurat, as
+Doornik's ZIGNOR) seeded per row from one torch draw, so
+`torch.manual_seed` makes the loss reproducible; the stream differs from pytopk's `torch.randn`, so only the
+law (not the sample) matches pytopk. Computation is float64 inside (exact up to float64 rounding of the
+bucket edges); the CPU kernel is compiled with numba (cached on disk), one thread.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+W = 0.25  # bucket width in units of ε (rows spanning more than J buckets get wider ones)
+J = 2048  # buckets per row
+DFAR = 12  # buckets whose bound a_g = d·W ≥ DFAR·W (3 ε below t0) go to the shared far walk
+DMIN = -40  # buckets with a_g ≤ DMIN·W (t0 10 ε above their top) exceed with probability 1 − 1e-23: q = 1
+DUP = 64  # t0 lies at most DUP buckets above the row max
+DMU = 40  # the expected count sums buckets up to DMU below t0 (Φ̄(10) ≈ 8e-24 beyond)
+_NT = DFAR - DMIN + 1  # q / hazard / λ tables cover d = DMIN..DFAR
+_NM = DMU - DMIN + 1  # the count table covers d = DMIN..DMU
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+
+
+def fill_tables(w: float, q: np.ndarray, haz: np.ndarray, lam: np.ndarray, mid: np.ndarray) -> None:
+    """Bucket constants for bucket width w (in ε): q[d] = Φ̄(a), haz[d] = −log Φ(a) (inf at q = 1), λ of the
+    Robert sampler at a = (d + DMIN)·w, and mid[d] = Φ̄((d + DMIN + ½)·w) for the expected count."""
+    for t in range(_NT):
+        a = (t + DMIN) * w
+        if t == 0:  # a ≤ DMIN·W: q = 1 up to 1e-23, drawn as a plain normal (no truncation at all)
+            q[t], haz[t], lam[t] = 1.0, math.inf, 0.0
+            continue
+        q[t] = 0.5 * math.erfc(a * _INV_SQRT2)
+        h = -math.log(0.5 * math.erfc(-a * _INV_SQRT2))
+        haz[t] = h if h > 0.0 else 0.0  # not −0.0: e / haz must be +inf where Φ(a) rounds to 1
+        lam[t] = 0.5 * (a + math.sqrt(a * a + 4.0))
+    for t in range(_NM):
+        mid[t] = 0.5 * math.erfc((t + DMIN + 0.5) * w * _INV_SQRT2)
+
+
+def _next(st):  # type: ignore[no-untyped-def]
+    """SplitMix64: advance the state st[0] and return 64 random bits."""
+    st[0] += np.uint64(0x9E3779B97F4A7C15)
+    z = st[0]
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _unif(st):  # type: ignore[no-untyped-def]
+    """Uniform on the open interval (0, 1), 53 bits."""
+    return (float(_next_jit(st) >> np.uint64(11)) + 0.5) * 1.1102230246251565e-16
+
+
+def _ziggurat_tables(c: int = 128, r: float = 3.442619855899, v: float = 9.91256303526217e-3):
+    """Layer edges X and ratios R of Marsaglia & Tsang's ziggurat for N(0, 1), as in Doornik's ZIGNOR (2005)."""
+    x = np.zeros(c + 1)
+    f = math.exp(-0.5 * r * r)
+    x[0], x[1] = v / f, r
+    for i in range(2, c):
+        x[i] = math.sqrt(-2.0 * math.log(v / x[i - 1] + f))
+        f = math.exp(-0.5 * x[i] * x[i])
+    return x, x[1:] / x[:-1]
+
+
+_ZX, _ZR = _ziggurat_tables()
+_ZIG_R = 3.442619855899
+
+
+def _normal(st, nz):  # type: ignore[no-untyped-def]
+    """Standard normal by the ziggurat (ZIGNOR: 128 layers, Marsaglia's tail beyond R); nz is unused."""
+    while True:
+        bits = _next_jit(st)
+        u = 2.0 * ((float(bits >> np.uint64(11)) + 0.5) * 1.1102230246251565e-16) - 1.0
+        i = int(bits & np.uint64(0x7F))  # the low bits, not those of u
+        if abs(u) < _ZR[i]:
+            return u * _ZX[i]
+        if i == 0:  # the base layer's tail
+            while True:
+                x = math.log(_unif_jit(st)) / _ZIG_R
+                y = math.log(_unif_jit(st))
+                if -2.0 * y >= x * x:
+                    return x - _ZIG_R if u < 0.0 else _ZIG_R - x
+        x = u * _ZX[i]
+        f0 = math.exp(-0.5 * (_ZX[i] * _ZX[i] - x * x))
+        f1 = math.exp(-0.5 * (_ZX[i + 1] * _ZX[i + 1] - x * x))
+        if f1 + _unif_jit(st) * (f0 - f1) < 1.0:
+            return x
+
+
+def _tn_above(a, lam, st, nz):  # type: ignore[no-untyped-def]
+    """Z ~ N(0, 1) conditioned on Z > a (a = −inf: no condition). a < 0.3: rejection from N(0, 1) (acceptance
+    ≥ 0.38); else Robert's (1995) translated exponential with rate lam = (a + √(a² + 4))/2 (acceptance
+    ≥ 0.8), with the squeeze e^{−x} ≥ 1 − x sparing most exponentials."""
+    if a < 0.3:
+        while True:
+            z = _normal_jit(st, nz)
+            if z > a:
+                return z
+    while True:
+        z = a - math.log(_unif_jit(st)) / lam
+        d = 0.5 * (z - lam) * (z - lam)
+        u = _unif_jit(st)
+        if u <= 1.0 - d or u <= math.exp(-d):
+            return z
+
+
+def _minmax(row):  # type: ignore[no-untyped-def]
+    """(max, min) of a row; fastmath and four accumulators each, to pipeline or vectorise (NaN rows are caught
+    by the caller)."""
+    n = row.shape[0]
+    m0 = m1 = m2 = m3 = row[0]
+    n0 = n1 = n2 = n3 = row[0]
+    i = 0
+    while i + 4 <= n:
+        m0, n0 = max(m0, row[i]), min(n0, row[i])
+        m1, n1 = max(m1, row[i + 1]), min(n1, row[i + 1])
+        m2, n2 = max(m2, row[i + 2]), min(n2, row[i + 2])
+        m3, n3 = max(m3, row[i + 3]), min(n3, row[i + 3])
+        i += 4
+    while i < n:
+        m0, n0 = max(m0, row[i]), min(n0, row[i])
+        i += 1
+    return float(max(max(m0, m1), max(m2, m3))), float(min(min(n0, n1), min(n2, n3)))
+
+
+def _select(vals, idx, cnt, r):  # type: ignore[no-untyped-def]
+    """Position in vals[:cnt] of the r-th largest (idx alongside; reordered for large cnt)."""
+    if cnt <= 48:  # rank by counting, branch-free: cheaper than partitioning for the usual ~15 values
+        for c in range(cnt):
+            v = vals[c]
+            above = 0
+            for e in range(cnt):
+                above += vals[e] > v
+            if above == r - 1:  # no ties among continuous draws
+                return c
+    lo, hi, t = 0, cnt - 1, r - 1
+    while lo < hi:
+        p = vals[(lo + hi) // 2]
+        i, j = lo, hi
+        while i <= j:
+            while vals[i] > p:
+                i += 1
+            while vals[j] < p:
+                j -= 1
+            if i <= j:
+                vals[i], vals[j] = vals[j], vals[i]
+                idx[i], idx[j] = idx[j], idx[i]
+                i += 1
+                j -= 1
+        if t <= j:
+            hi = j
+        elif t >= i:
+            lo = i
+        else:
+            break
+    return t
+
+
+def _expected(hist, cum, gmax, j0, mid):  # type: ignore[no-untyped-def]
+    """Estimated Σ_i P(s_i + εZ_i > M − j0·Δ) from the bucket counts (bucket midpoints); cum[g] = Σ_{g' < g}
+    hist[g']. Buckets more than 16 below t0 (4 ε at the finest width) are left out, those more than 16 above
+    count fully: this only steers t0, never the law."""
+    g0 = min(max(j0 - 16, 0), gmax + 1)
+    tot = float(cum[g0])
+    for g in range(g0, min(j0 + 16, gmax) + 1):
+        tot += hist[g] * mid[g - j0 - DMIN]
+    return tot
+
+
+QB = 0.15  # buckets with q ≥ QB draw every entry's normal; sparser ones skip by exponential gaps
+
+
+def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ignore[no-untyped-def]
+    """For every row b of s [B, n] and draw j: out_val[b, j], out_idx[b, j] = value and position of the
+    k1-th largest entry of s[b] + εZ (see the module docstring). seed: uint64."""
+    nb, n = s.shape
+    ns = out_val.shape[1]
+    code = np.empty(n, np.int32)
+    hist = np.zeros(J + 1, np.int64)
+    cum = np.zeros(J + 2, np.int64)
+    fill = np.empty(J + 2, np.int64)
+    lst = np.empty(n, np.int64)
+    vals = np.empty(n, np.float64)
+    idx = np.empty(n, np.int64)
+    mark = np.zeros(n, np.uint8)
+    # per non-empty near bucket: first list slot, size, q, hazard, truncation point, Robert rate
+    b_start = np.empty(J, np.int64)
+    b_size = np.empty(J, np.int64)
+    b_q = np.empty(J)
+    b_h = np.empty(J)
+    b_a = np.empty(J)
+    b_lam = np.empty(J)
+    q, haz, lam, mid = np.empty(_NT), np.empty(_NT), np.empty(_NT), np.empty(_NM)
+    st = np.empty(1, np.uint64)
+    nz = np.zeros(2)
+    target = k1 + 2.0 * math.sqrt(k1) + 1.0
+    for b in range(nb):
+        row = s[b]
+        st[0] = seed + np.uint64(b) * np.uint64(0xD1B54A32D192ED03)
+        _next_jit(st)
+        nz[0] = 0.0
+        m, mn = _minmax_jit(row)
+        # --- bucket width: W·ε, wider when the row spans more than J − 1 buckets
+        w = W
+        if m - mn > (J - 1) * W * eps:
+            w = (m - mn) / ((J - 1) * eps) * (1.0 + 1e-9)
+            fill_tables_jit(w, q, haz, lam, mid)
+        else:
+            q[:] = q0
+            haz[:] = haz0
+            lam[:] = lam0
+            mid[:] = mid0
+        delta = w * eps
+        inv = 1.0 / delta
+        # --- bucket codes (bucket g holds M − (g+1)Δ < s ≤ M − gΔ) and counts; non-finite rows give NaN
+        bad = False
+        for i in range(n):  # branch-free, so that it vectorises
+            x = (m - float(row[i])) * inv
+            bad |= not x < 1e18
+            code[i] = max(min(int(min(x, 1e18)), J - 1), 0)
+        for i in range(n):
+            hist[code[i]] += 1
+        if bad:
+            hist[:] = 0
+            out_val[b, :] = math.nan
+            out_idx[b, :] = 0
+            continue
+        gmax = min(int((m - mn) * inv), J - 1)
+        # --- t0 = M − j0·Δ: the highest with expected exceedances ≥ target (dense when none is), searched
+        # around the bucket gt where the counts reach the target (cum: prefix counts, as far as needed)
+        gt = 0
+        cum[1] = hist[0]
+        while gt < gmax and cum[gt + 1] < target:
+            gt += 1
+            cum[gt + 1] = cum[gt] + hist[gt]
+        for g in range(gt + 1, min(gmax, gt + 24) + 1):
+            cum[g + 1] = cum[g] + hist[g]
+        lo, hi = max(gt - 40, -DUP), gt + 20
+        if _expected_jit(hist, cum, gmax, hi, mid) < target:
+            j0 = gmax - DMIN  # every entry exceeds t0 with probability 1 − 1e-23: drawn as plain normals
+        else:
+            if _expected_jit(hist, cum, gmax, lo, mid) >= target:
+                lo = -DUP
+            while hi - lo > 1:
+                mdl = (lo + hi) // 2
+                if _expected_jit(hist, cum, gmax, mdl, mid) >= target:
+                    hi = mdl
+                else:
+                    lo = mdl
+            j0 = hi
+        t0 = m - j0 * delta
+        gnear = min(gmax + 1, max(j0 + DFAR, 0))  # buckets 0..gnear−1 walk on their own, the rest share one
+        # --- list the near entries bucket by bucket, and the buckets' constants
+        nne = 0
+        pos = 0
+        for g in range(gnear):
+            fill[g] = pos
+            if hist[g] > 0:
+                d = max(g - j0, DMIN)
+                t = d - DMIN
+                b_start[nne] = pos
+                b_size[nne] = hist[g]
+                b_q[nne] = q[t]
+                b_h[nne] = haz[t]
+                b_a[nne] = -math.inf if t == 0 else d * w
+                b_lam[nne] = lam[t]
+                nne += 1
+            pos += hist[g]
+        nnear = pos
+        if 8 * nnear > n:  # branch-free: far entries go to a scratch tail (no mispredicted branches)
+            fill[gnear] = nnear
+            for i in range(n):
+                g = min(code[i], gnear)
+                lst[fill[g]] = i
+                fill[g] += 1
+        elif nnear > 0:  # few near entries: a rarely taken branch is cheaper
+            for i in range(n):
+                g = code[i]
+                if g < gnear:
+                    lst[fill[g]] = i
+                    fill[g] += 1
+        afar = DFAR * w
+        hfar = haz[_NT - 1]
+        lfar = lam[_NT - 1]
+        for j in range(ns):
+            cnt = 0
+            e = -math.log(_unif_jit(st))
+            for u in range(nne):
+                ng = b_size[u]
+                base = b_start[u]
+                qq = b_q[u]
+                a = b_a[u]
+                if qq >= QB:  # dense bucket: every entry's normal is drawn in full (cheaper than thinning)
+                    for p in range(ng):
+                        i = lst[base + p]
+                        vals[cnt] = float(row[i]) + eps * _normal_jit(st, nz)
+                        idx[cnt] = i
+                        cnt += vals[cnt] > t0  # kept iff it exceeds t0 (branch-free)
+                    continue
+                h = b_h[u]
+                p = 0
+                while True:  # sparse bucket: exponential gaps of the Poisson walk, e carried between buckets
+                    f = e / h
+                    if not f < ng - p:
+                        e -= (ng - p) * h
+                        break
+                    p += int(f)
+                    i = lst[base + p]
+                    vals[cnt] = float(row[i]) + eps * _tn_above_jit(a, b_lam[u], st, nz)
+                    idx[cnt] = i
+                    cnt += vals[cnt] > t0
+                    p += 1
+                    e = -math.log(_unif_jit(st))
+            if nnear < n:  # far entries: one walk over all positions, near ones skipped
+                p = 0
+                while True:
+                    f = -math.log(_unif_jit(st)) / hfar
+                    if not f < n - p:
+                        break
+                    i = p + int(f)
+                    if code[i] >= gnear:
+                        x = float(row[i]) + eps * _tn_above_jit(afar, lfar, st, nz)
+                        if x > t0:
+                            vals[cnt] = x
+                            idx[cnt] = i
+                            cnt += 1
+                    p = i + 1
+            if cnt >= k1:
+                r = _select_jit(vals, idx, cnt, k1)
+                out_val[b, j] = vals[r]
+                out_idx[b, j] = idx[r]
+                continue
+            # fallback: fewer than k1 exceedances; the others are N(s_i, ε²) truncated to (−∞, t0]
+            for c in range(cnt):
+                mark[idx[c]] = 1
+            c2 = cnt
+            for i in range(n):
+                if mark[i]:
+                    continue
+                si = float(row[i])
+                ai = (t0 - si) / eps
+                z = -_tn_above_jit(-ai, 0.5 * (-ai + math.sqrt(ai * ai + 4.0)), st, nz)
+                vals[c2] = si + eps * z
+                idx[c2] = i
+                c2 += 1
+            for c in range(cnt):
+                mark[idx[c]] = 0
+            # the cnt exceedances are the largest; the (k1 − cnt)-th largest of the rest is the answer
+            r = _select_jit(vals[cnt:c2], idx[cnt:c2], c2 - cnt, k1 - cnt)
+            out_val[b, j] = vals[cnt + r]
+            out_idx[b, j] = idx[cnt + r]
+        hist[: gmax + 1] = 0
+
+
+def _hinge_grad(pos, labels, w, out):  # type: ignore[no-untyped-def]
+    """out[b] = w_b·(mean_j onehot(pos[b, j]) − onehot(labels[b])): the loss gradient, written in one pass."""
+    nb, ns = pos.shape
+    for b in range(nb):
+        out[b, :] = 0.0
+        if w[b] != 0.0:
+            for j in range(ns):
+                out[b, pos[b, j]] += w[b] / ns
+            out[b, labels[b]] -= w[b]
+
+
+_next_jit = _next
+_unif_jit = _unif
+_normal_jit = _normal
+_minmax_jit = _minmax
+_tn_above_jit = _tn_above
+_select_jit = _select
+_expected_jit = _expected
+fill_tables_jit = fill_tables
+hinge_grad = _hinge_grad  # replaced by the compiled version in _kernel()
+_KERNEL = None
+_TABLES: tuple[np.ndarray, ...] | None = None
+
+
+def _kernel():  # type: ignore[no-untyped-def]
+    """Compile the sampler once (numba, cached on disk); imported lazily so `import losses` stays fast."""
+    global _KERNEL, _TABLES
+    if _KERNEL is None:
+        import numba
+
+        jit = numba.njit(cache=True, error_model="numpy")  # x / 0 = inf where a hazard underflows to 0
+        g = globals()
+        inline = numba.njit(cache=True, error_model="numpy", inline="always")  # no per-call array refcounts
+        for name, fn in (("_next_jit", _next), ("_unif_jit", _unif), ("_normal_jit", _normal),
+                         ("_tn_above_jit", _tn_above)):
+            g[name] = inline(fn)
+        for name, fn in (("_select_jit", _select), ("fill_tables_jit", fill_tables), ("_expected_jit", _expected)):
+            g[name] = jit(fn)
+        g["_minmax_jit"] = numba.njit(cache=True, fastmath=True)(_minmax)
+        g["hinge_grad"] = jit(_hinge_grad)
+        _KERNEL = jit(_rows)
+        tables = (np.empty(_NT), np.empty(_NT), np.empty(_NT), np.empty(_NM))
+        fill_tables(W, *tables)
+        _TABLES = tables
+    return _KERNEL
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the kernels for float32 scores, the common case, so that the
+    first training step (and bench-loss's memory pass) does not pay for it."""
+    sample_kth(np.zeros((1, 2), np.float32), 1, 1.0, 1, 0)
+    hinge_grad(np.zeros((1, 1), np.int64), np.zeros(1, np.int64), np.zeros(1, np.float32), np.zeros((1, 2), np.float32))
+
+
+def sample_kth(s: np.ndarray, k1: int, eps: float, n_sample: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values [B, n_sample] float64, positions [B, n_sample] int64) of the k1-th largest of s + εZ per draw.
+
+    s: C-contiguous float32 or float64 [B, n]; 1 ≤ k1 ≤ n; eps > 0; seed: any int (only its low 64 bits)."""
+    kernel = _kernel()
+    assert _TABLES is not None
+    out_val = np.empty((s.shape[0], n_sample), np.float64)
+    out_idx = np.empty((s.shape[0], n_sample), np.int64)
+    kernel(s, int(k1), float(eps), np.uint64(seed & 0xFFFFFFFFFFFFFFFF), *_TABLES, out_val, out_idx)
+    return out_val, out_idx
