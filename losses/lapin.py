@@ -24,20 +24,23 @@ candidate and keeping the one with the smallest constraint violation. The suppor
 sought among the top max(4k, 32) entries (partial sort); rows that fail the KKT check (e.g. many
 near-equal scores) are redone with a full sort. Cost O(B·(N + k·max(4k, 32))) in the common case.
 
-CPU fast path (``losses.lapin_kernels``): on CPU, the smoothed SVMs (γ > 0) and the top-k entropy run
-as compiled per-row kernels (numba) that return the loss and its gradient together (Danskin: the
-gradient in s_j is x*_j, in s_y −Σx*), wrapped in an autograd Function; the torch code below stays as
-``torch_forward``, used on other devices (CUDA) and as the tests' reference for the kernels. Why: the
-torch version sorts or partially sorts every row and builds ~30 [B, n] temporaries (float64 for the
-projections), 7–65× the cost of cross-entropy at n = 1000; the kernels select the top k in one pass
-over each row and sort only the few entries that can be in the support (≤ 3× cross-entropy at logit
-scales 1–30, usually ~2×). Choices: the kernels compute in float64 scalars whatever the input
-precision (float32 inputs give float32 losses and gradients, from float64 arithmetic); the top-k
-entropy's exponentials come from torch's vectorised softmax with exponents clamped below at −60
-(float32) / −600 (float64) relative to the k-th largest margin (changes nothing above the working
-precision, keeps subnormals out); a NaN score gives its row a NaN loss and gradient; labels outside
-[0, n) raise ValueError; the gradient is not differentiable again (double backward raises). The
-kernels are single-threaded (torch's thread count does not apply).
+CPU fast path (``losses.lapin_kernels``): on CPU, every loss here (the SVMs with and without
+smoothing, both entropies) runs as compiled per-row kernels (numba) that return the loss and its
+gradient together (the gradient in s_j is x*_j by Danskin, in s_y −Σx*; the hard SVMs and the truncated
+entropy give the subgradient autograd gives), wrapped in an autograd Function; the torch code below
+stays as ``torch_forward``, used on other devices (CUDA) and as the tests' reference for the kernels.
+Why: the torch version sorts or top-k-selects every row (torch's CPU sort and topk cost more than the
+whole of cross-entropy) and builds up to ~30 [B, n] temporaries (float64 for the projections): 4–65×
+the cost of cross-entropy at n = 1000; the kernels select the top k in one pass over each row and sort
+only the few entries that can be in the support (≤ 3× cross-entropy at logit scales 1–30, ~1–2.5×).
+Choices: the kernels compute in float64 scalars whatever the input precision (float32 inputs give
+float32 losses and gradients, from float64 arithmetic); the entropies' exponentials come from torch's
+vectorised softmax (the top-k entropy's exponents clamped below at −60 (float32) / −600 (float64)
+relative to the k-th largest margin: this changes nothing above the working precision and keeps
+subnormals out); at tied scores the hard SVMs and the truncated entropy pick the first columns (torch's
+topk picks any); a NaN score gives its row a NaN loss and gradient; labels outside [0, n) raise
+ValueError; the gradient is not differentiable again (double backward raises). The kernels are
+single-threaded (torch's thread count does not apply).
 """
 from __future__ import annotations
 
@@ -249,10 +252,10 @@ class _TopKSVM(nn.Module):
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.gamma > 0.0:
             kernel = partial(lapin_kernels.svm_rows, k=self.k, gamma=self.gamma, alpha=self._alpha)
-            out = _kernel_loss(scores, labels, kernel)
-            if out is not None:
-                return out
-        return self.torch_forward(scores, labels)
+        else:
+            kernel = partial(lapin_kernels.hard_svm_rows, k=self.k, alpha=self._alpha)
+        out = _kernel_loss(scores, labels, kernel)
+        return self.torch_forward(scores, labels) if out is None else out
 
     def torch_forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The pure-torch path (any device; CUDA uses it, and the tests check the CPU kernel against it)."""
@@ -372,6 +375,11 @@ class TruncatedTopKEntropy(nn.Module):
         self.num_classes, self.k = num_classes, k
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        out = _kernel_loss(scores, labels, partial(lapin_kernels.truncated_entropy_rows, k=self.k))
+        return self.torch_forward(scores, labels) if out is None else out
+
+    def torch_forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The pure-torch path (any device; CUDA uses it, and the tests check the CPU kernel against it)."""
         s = working_precision(scores)
         s_y = s.gather(1, labels[:, None]).squeeze(1)
         if self.k > 1:

@@ -1,4 +1,4 @@
-"""CPU fast paths (numba kernels) for the smoothed top-k SVMs and the top-k entropy of ``losses.lapin``.
+"""CPU fast paths (numba kernels) for the top-k SVMs (hard and smoothed) and top-k entropies of ``losses.lapin``.
 
 Both return the per-row losses and their gradient with respect to the scores (the label column gets
 minus the sum of the others), computed in float64 scalars per row; ``losses.lapin`` wraps them in an
@@ -21,6 +21,8 @@ autograd Function. See its docstring for the mathematics; the choices made here:
   exponents are clamped below at −60 (float32) / −600 (float64): exps that small are below the working
   precision of every sum they enter, and the clamp keeps subnormals (slow on CPUs) out. The closed form
   per row (O(k)) is a numba kernel.
+* Hard SVMs: the top k from the selection, 1/k on them. Truncated entropy: the k − 1 largest other
+  scores set to −∞, torch's softmax, log Σ e^s = s_m − log p_m at the largest kept score m (p_m ≥ 1/n).
 * A NaN score gives the row a NaN loss and gradient, as the torch path does.
 """
 from __future__ import annotations
@@ -233,6 +235,81 @@ def _svm_rows(s, labels, k, gamma, alpha, loss, grad):
         loss[b] = gamma * (lin - 0.5 * sq)
 
 
+def _hard_svm_rows(s, labels, k, alpha, loss, grad):
+    """Top-k SVM α (max{0, mean of the top k h}) or β (mean of the top k h₊), h_j = 1 + s_j − s_y, per row,
+    with the (sub)gradient torch's autograd gives: 1/k on the top k (β: where h ≥ 0), label −Σ."""
+    batch, n = s.shape
+    cand = np.empty(n + 1, dtype=np.int64)
+    buf = np.empty(k)
+    idx = np.empty(k, dtype=np.int64)
+    for b in range(batch):
+        row = s[b]
+        y = labels[b]
+        sy = float(row[y])
+        grad[b, :] = 0.0
+        _, nans = _select(row, y, k, 0.0, buf, idx, cand)
+        if nans:
+            loss[b] = np.nan
+            grad[b, :] = np.nan
+            continue
+        value, tot = 0.0, 0.0
+        if alpha:
+            for i in range(k):
+                value += 1.0 + (buf[i] - sy)
+            value /= k
+            if value >= 0.0:
+                for i in range(k):
+                    grad[b, idx[i]] = 1.0 / k
+                tot = 1.0
+            else:
+                value = 0.0
+        else:
+            for i in range(k):
+                h = 1.0 + (buf[i] - sy)
+                if h >= 0.0:
+                    value += h
+                    grad[b, idx[i]] = 1.0 / k
+                    tot += 1.0 / k
+            value /= k
+        loss[b] = value
+        grad[b, y] = -tot
+
+
+def _truncated_prepare(s, labels, k, top_col, nans, d):
+    """Per row: d = s with the k − 1 largest non-label scores at −∞ (the dropped set), top_col [B] the
+    column of the largest kept score (the label's or the k-th largest other), nans [B]."""
+    batch, n = s.shape
+    cand = np.empty(n + 1, dtype=np.int64)
+    buf = np.empty(k)
+    idx = np.empty(k, dtype=np.int64)
+    for b in range(batch):
+        row = s[b]
+        y = labels[b]
+        _, nans[b] = _select(row, y, k, 0.0, buf, idx, cand)
+        for j in range(n):
+            d[b, j] = row[j]
+        if nans[b]:
+            top_col[b] = y
+            continue
+        for i in range(k - 1):
+            d[b, idx[i]] = -np.inf
+        top_col[b] = idx[k - 1] if buf[k - 1] > row[y] else y
+
+
+def _truncated_finish(s, labels, top_col, nans, loss, p):
+    """loss = log Σ_kept e^s − s_y = s_m − log p_m − s_y (m: the largest kept score, p_m ≥ 1/n) and,
+    overwriting p = softmax(d), the gradient (p; label p_y − 1; dropped 0)."""
+    for b in range(s.shape[0]):
+        y = labels[b]
+        if nans[b]:
+            loss[b] = np.nan
+            p[b, :] = np.nan
+            continue
+        m = top_col[b]
+        loss[b] = float(s[b, m]) - math.log(float(p[b, m])) - float(s[b, y])
+        p[b, y] -= 1.0
+
+
 def _entropy_prepare(s, labels, k, floor, top, idx, nans, d):
     """Per row: top [B, k] (the k largest scores without the label, sorted), idx [B, k] their columns,
     nans [B], and d = clamp(s − s_[k], floor, 0) with −∞ at the label (input of the softmax)."""
@@ -328,8 +405,8 @@ def _compile() -> None:
         import numba
 
         jit = numba.njit(cache=True)
-        for name in ("_select", "_capped_threshold", "_cone_kkt", "_cone_threshold", "_svm_rows",
-                     "_entropy_prepare", "_logaddexp", "_entropy_finish"):
+        for name in ("_select", "_capped_threshold", "_cone_kkt", "_cone_threshold", "_svm_rows", "_hard_svm_rows",
+                     "_truncated_prepare", "_truncated_finish", "_entropy_prepare", "_logaddexp", "_entropy_finish"):
             globals()[name] = jit(globals()[name])
         _COMPILED = True
 
@@ -359,4 +436,29 @@ def entropy_rows(s: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.T
     del d
     loss = np.empty(batch)
     _entropy_finish(s_np, lab_np, top, idx, nans, loss, grad.numpy())
+    return torch.from_numpy(loss).to(s.dtype), grad
+
+
+def hard_svm_rows(s: torch.Tensor, labels: torch.Tensor, k: int, alpha: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss [B], grad [B, n]) of the top-k SVM α (alpha) or β with γ = 0; arguments as for `svm_rows`."""
+    _compile()
+    loss = np.empty(s.shape[0])
+    grad = torch.empty_like(s)
+    _hard_svm_rows(s.numpy(), labels.numpy(), k, bool(alpha), loss, grad.numpy())
+    return torch.from_numpy(loss).to(s.dtype), grad
+
+
+def truncated_entropy_rows(s: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss [B], grad [B, n]) of the truncated top-k entropy; arguments as for `svm_rows`."""
+    _compile()
+    batch = s.shape[0]
+    top_col = np.empty(batch, dtype=np.int64)
+    nans = np.empty(batch, dtype=np.int64)
+    d = torch.empty_like(s)
+    s_np, lab_np = s.numpy(), labels.numpy()
+    _truncated_prepare(s_np, lab_np, k, top_col, nans, d.numpy())
+    grad = torch.softmax(d, dim=1)
+    del d
+    loss = np.empty(batch)
+    _truncated_finish(s_np, lab_np, top_col, nans, loss, grad.numpy())
     return torch.from_numpy(loss).to(s.dtype), grad

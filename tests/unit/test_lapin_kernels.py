@@ -1,6 +1,6 @@
-"""The CPU kernels of the smoothed top-k SVMs and the top-k entropy (losses/lapin_kernels.py) against the
-pure-torch path (itself checked against brute force in test_lapin.py), an optimality certificate of the
-projection, and torch.topk / a stable sort for the selection."""
+"""The CPU kernels of the Lapin losses (losses/lapin_kernels.py: smoothed and hard top-k SVMs, top-k and
+truncated top-k entropy) against the pure-torch path (itself checked against brute force in
+test_lapin.py), an optimality certificate of the projection, and a stable sort for the selection."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +11,27 @@ import losses  # noqa: F401  (registers the losses)
 from harness import build_loss
 from losses import lapin_kernels
 
-KERNEL_LOSSES = [("lapin_svm_alpha", {"gamma": 1.0}), ("lapin_svm_beta", {"gamma": 1.0}), ("lapin_entropy", {})]
+KERNEL_LOSSES = [("lapin_svm_alpha", {"gamma": 1.0}), ("lapin_svm_beta", {"gamma": 1.0}), ("lapin_entropy", {}),
+                 ("lapin_svm_alpha", {"gamma": 0.0}), ("lapin_svm_beta", {"gamma": 0.0}),
+                 ("lapin_truncated_entropy", {})]
+# losses whose gradient picks one of several tied entries (a subgradient): compared on untied rows only
+PICKS_AT_TIES = {("lapin_svm_alpha", 0.0), ("lapin_svm_beta", 0.0), ("lapin_truncated_entropy", None)}
+
+
+def _picks(name: str, params: dict) -> bool:
+    return (name, params.get("gamma")) in PICKS_AT_TIES
+
+
+def _kernel(name: str, params: dict):
+    """The per-row kernel behind a loss config: (scores, labels, k) -> (loss [B], grad [B, n])."""
+    gamma, alpha = params.get("gamma", 0.0), name.endswith("alpha")
+    if name == "lapin_entropy":
+        return lapin_kernels.entropy_rows
+    if name == "lapin_truncated_entropy":
+        return lapin_kernels.truncated_entropy_rows
+    if gamma > 0:
+        return lambda s, y, k: lapin_kernels.svm_rows(s, y, k, gamma, alpha)
+    return lambda s, y, k: lapin_kernels.hard_svm_rows(s, y, k, alpha)
 
 
 def _scores(seed: int, b: int, n: int, scale: float, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,14 +89,16 @@ def test_edge_cases_and_ties(name: str, params: dict, dtype: torch.dtype, n: int
     """k = 1, k = n − 1, the partition path (k > 16), and integer scores (many ties, ties at the k-th)."""
     gen = torch.Generator().manual_seed(n * 100 + k)
     tied = torch.randint(-2, 3, (16, n), generator=gen).double()
-    s = torch.cat([tied, *_scores(n + k, 16, n, 2.0)[:1]]).to(dtype)
+    untied = _scores(n + k, 16, n, 2.0)[0]
     y = torch.randint(0, n, (32,), generator=gen)
     loss = build_loss(name, n, k=k, **params)
-    val, grad = _value_and_grad(loss, s, y)
-    ref, ref_grad = _value_and_grad(loss.torch_forward, s.double(), y)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
-    assert val.item() == pytest.approx(ref.item(), rel=tol, abs=tol)
-    assert torch.allclose(grad.double(), ref_grad, rtol=tol, atol=tol)
+    for rows, check_grad in ((torch.cat([tied, untied]), not _picks(name, params)), (untied, True)):
+        s, lab = rows.to(dtype), y[-len(rows) :]
+        val, grad = _value_and_grad(loss, s, lab)
+        ref, ref_grad = _value_and_grad(loss.torch_forward, s.double(), lab)
+        assert val.item() == pytest.approx(ref.item(), rel=tol, abs=tol)
+        assert not check_grad or torch.allclose(grad.double(), ref_grad, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("k", [1, 5, 20])
@@ -127,8 +149,7 @@ def test_select_finds_top_k_and_candidates(k: int, dtype) -> None:
 def test_nan_row_gives_nan_row_only(name: str, params: dict) -> None:
     s, y = _scores(3, 8, 50, 2.0)
     s[2, 7] = float("nan")
-    kernel = (lapin_kernels.entropy_rows if name == "lapin_entropy"
-              else lambda a, b, k: lapin_kernels.svm_rows(a, b, k, 1.0, name.endswith("alpha")))
+    kernel = _kernel(name, params)
     loss, grad = kernel(s, y, 3)
     assert torch.isnan(loss[2]) and torch.isnan(grad[2]).all()
     clean = torch.cat([s[:2], s[3:]]), torch.cat([y[:2], y[3:]])
