@@ -24,11 +24,12 @@ candidate and keeping the one with the smallest constraint violation. The suppor
 sought among the top max(4k, 32) entries (partial sort); rows that fail the KKT check (e.g. many
 near-equal scores) are redone with a full sort. Cost O(B·(N + k·max(4k, 32))) in the common case.
 
-CPU fast path (``losses.lapin_kernels``): on CPU, every loss here (the SVMs with and without
-smoothing, both entropies) runs as compiled per-row kernels (numba) that return the loss and its
-gradient together (the gradient in s_j is x*_j by Danskin, in s_y −Σx*; the hard SVMs and the truncated
-entropy give the subgradient autograd gives), wrapped in an autograd Function; the torch code below
-stays as ``torch_forward``, used on other devices (CUDA) and as the tests' reference for the kernels.
+CPU fast path (``losses.lapin_kernels``, ``losses.lapin_entropy_kernels``): on CPU, every loss here
+(the SVMs with and without smoothing, both entropies) runs as compiled per-row kernels (numba) that
+return the loss and its gradient together (the gradient in s_j is x*_j by Danskin, in s_y −Σx*; the
+hard SVMs and the truncated entropy give the subgradient autograd gives), wrapped in an autograd
+Function; the torch code below stays as ``torch_forward``, used on other devices (CUDA) and as the
+tests' reference for the kernels.
 Why: the torch version sorts or top-k-selects every row (torch's CPU sort and topk cost more than the
 whole of cross-entropy) and builds up to ~30 [B, n] temporaries (float64 for the projections): 4–65×
 the cost of cross-entropy at n = 1000; the kernels select the top k in one pass over each row and sort
@@ -55,7 +56,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from harness.registry import Linear, Param, register_loss
-from losses import lapin_kernels
+from losses import lapin_entropy_kernels, lapin_kernels
 from losses.common import check_k, working_precision
 
 log = logging.getLogger(__name__)
@@ -328,7 +329,7 @@ class TopKEntropy(nn.Module):
         self.num_classes, self.k = num_classes, k
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        out = _kernel_loss(scores, labels, partial(lapin_kernels.entropy_rows, k=self.k))
+        out = _kernel_loss(scores, labels, partial(lapin_entropy_kernels.entropy_rows, k=self.k))
         return self.torch_forward(scores, labels) if out is None else out
 
     def torch_forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -375,7 +376,7 @@ class TruncatedTopKEntropy(nn.Module):
         self.num_classes, self.k = num_classes, k
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        out = _kernel_loss(scores, labels, partial(lapin_kernels.truncated_entropy_rows, k=self.k))
+        out = _kernel_loss(scores, labels, partial(lapin_entropy_kernels.truncated_entropy_rows, k=self.k))
         return self.torch_forward(scores, labels) if out is None else out
 
     def torch_forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,14 @@
-"""CPU fast paths (numba kernels) for the top-k SVMs (hard and smoothed) and top-k entropies of ``losses.lapin``.
+"""CPU fast paths (numba kernels) for the top-k SVMs (hard and smoothed) of ``losses.lapin``, and the row
+selection that ``losses.lapin_entropy_kernels`` shares.
 
-Both return the per-row losses and their gradient with respect to the scores (the label column gets
+Each returns the per-row losses and their gradient with respect to the scores (the label column gets
 minus the sum of the others), computed in float64 scalars per row; ``losses.lapin`` wraps them in an
 autograd Function. See its docstring for the mathematics; the choices made here:
 
-* Selection: one pass per row keeps the k largest scores (insertion into a sorted buffer; np.partition
-  for k > 16) and the columns within ``slack`` of the running k-th largest. The row is scanned in chunks
-  of 16 whose comparisons against the running bound are counted first (vectorised): a chunk without a
-  hit is skipped. No row is sorted; torch's CPU sort and topk cost more than the whole loss.
+* Selection: the k largest of a prefix of the row (insertion into a sorted buffer) bound the row's k-th
+  largest from below; one branch-free pass collects the columns above that bound, among which the exact
+  top k (insertion; np.partition for k > 16) and the columns within ``slack`` of the k-th largest are
+  found. No row is sorted: torch's CPU sort and topk cost more than the whole of cross-entropy.
 * Smoothed SVMs, x* = proj(v), v_j = (1 + s_j − s_y)/γ over j ≠ y. Capped simplex {0 ≤ x ≤ u = 1/k,
   Σx = 1}: x = clip(v − t, 0, u) with v_[k] − u ≤ t < v_[k] (the k largest entries alone can carry the
   mass 1, no fewer can), so only the entries above v_[k] − u are sorted and t is the root of the
@@ -15,26 +16,17 @@ autograd Function. See its docstring for the mathematics; the choices made here:
   Δ_k^β: t ← max(t, 0) (t < 0 means the budget Σx ≤ 1 is inactive: x = clip(v, 0, u)). Δ_k^α with a
   negative budget multiplier (the top-k cone {0 ≤ x_i ≤ Σx/k}): the closed-form KKT candidates of
   ``losses.lapin._kkt_threshold`` on the top W entries, W = max(4k, 32), ×4 while the KKT check says
-  that the support is larger (rare: rows whose margins are nearly all negative).
-* Top-k entropy: e^{a_j − a_[k]} clipped at 1 (the top k count 1 each, so the tail sum is the total
-  minus k, without cancellation against the large terms) by torch's vectorised softmax, whose
-  exponents are clamped below at −60 (float32) / −600 (float64): exps that small are below the working
-  precision of every sum they enter, and the clamp keeps subnormals (slow on CPUs) out. The closed form
-  per row (O(k)) is a numba kernel.
-* Hard SVMs: the top k from the selection, 1/k on them. Truncated entropy: the k − 1 largest other
-  scores set to −∞, torch's softmax, log Σ e^s = s_m − log p_m at the largest kept score m (p_m ≥ 1/n).
+  that the support is larger (rows whose margins are nearly all negative).
+* Hard SVMs: the top k from the selection, 1/k on them (the subgradient autograd gives).
 * A NaN score gives the row a NaN loss and gradient, as the torch path does.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
 
 _SMALL_K = 16  # the k largest by insertion into a sorted buffer up to here, by np.partition above
-_CHUNK = 16
-_EXP_FLOOR = {torch.float32: -60.0, torch.float64: -600.0}
 _COMPILED = False
 
 
@@ -275,129 +267,6 @@ def _hard_svm_rows(s, labels, k, alpha, loss, grad):
         grad[b, y] = -tot
 
 
-def _truncated_prepare(s, labels, k, top_col, nans, d):
-    """Per row: d = s with the k − 1 largest non-label scores at −∞ (the dropped set), top_col [B] the
-    column of the largest kept score (the label's or the k-th largest other), nans [B]."""
-    batch, n = s.shape
-    cand = np.empty(n + 1, dtype=np.int64)
-    buf = np.empty(k)
-    idx = np.empty(k, dtype=np.int64)
-    for b in range(batch):
-        row = s[b]
-        y = labels[b]
-        _, nans[b] = _select(row, y, k, 0.0, buf, idx, cand)
-        for j in range(n):
-            d[b, j] = row[j]
-        if nans[b]:
-            top_col[b] = y
-            continue
-        for i in range(k - 1):
-            d[b, idx[i]] = -np.inf
-        top_col[b] = idx[k - 1] if buf[k - 1] > row[y] else y
-
-
-def _truncated_finish(s, labels, top_col, nans, loss, p):
-    """loss = log Σ_kept e^s − s_y = s_m − log p_m − s_y (m: the largest kept score, p_m ≥ 1/n) and,
-    overwriting p = softmax(d), the gradient (p; label p_y − 1; dropped 0)."""
-    for b in range(s.shape[0]):
-        y = labels[b]
-        if nans[b]:
-            loss[b] = np.nan
-            p[b, :] = np.nan
-            continue
-        m = top_col[b]
-        loss[b] = float(s[b, m]) - math.log(float(p[b, m])) - float(s[b, y])
-        p[b, y] -= 1.0
-
-
-def _entropy_prepare(s, labels, k, floor, top, idx, nans, d):
-    """Per row: top [B, k] (the k largest scores without the label, sorted), idx [B, k] their columns,
-    nans [B], and d = clamp(s − s_[k], floor, 0) with −∞ at the label (input of the softmax)."""
-    batch, n = s.shape
-    cand = np.empty(n + 1, dtype=np.int64)
-    buf = np.empty(k)
-    ids = np.empty(k, dtype=np.int64)
-    for b in range(batch):
-        row = s[b]
-        y = labels[b]
-        _, nans[b] = _select(row, y, k, 0.0, buf, ids, cand)
-        if nans[b]:  # placeholders: the row's loss and gradient are set to NaN
-            top[b, :] = 0.0
-            idx[b, :] = y
-            d[b, :] = 0.0
-            continue
-        top[b, :] = buf
-        idx[b, :] = ids
-        kth = buf[k - 1]
-        for j in range(n):
-            d[b, j] = min(max(row[j] - kth, floor), 0.0)
-        d[b, y] = -np.inf
-
-
-def _logaddexp(a, b):
-    if a == -np.inf:
-        return b
-    if b == -np.inf:
-        return a
-    return max(a, b) + math.log1p(math.exp(-abs(a - b)))
-
-
-def _entropy_finish(s, labels, top, idx, nans, loss, p):
-    """Per row, from p = softmax(d) of `_entropy_prepare`: the loss log(1 + k·e^w) (closed form of
-    ``losses.lapin.TopKEntropy``) and, overwriting p, its gradient x* (label: −σ = −Σx*)."""
-    batch, k = top.shape
-    a = np.empty(k)
-    log_z = np.empty(k)
-    log_km = np.empty(k)
-    for m in range(k):
-        log_km[m] = math.log(k - m)
-    for b in range(batch):
-        if nans[b]:
-            loss[b] = np.nan
-            p[b, :] = np.nan
-            continue
-        y = labels[b]
-        sy = float(s[b, y])
-        for i in range(k):
-            a[i] = top[b, i] - sy  # the k largest margins a_[1] ≥ … ≥ a_[k]
-        total = 1.0 / float(p[b, idx[b, k - 1]])  # Σ_{j≠y} e^{d_j}: d = 0 at the k-th largest
-        tail = max(total - k, 0.0)  # the top k count 1 each
-        # log Z_m = log(Σ_{i≥m} e^{a_[i]} + tail), in units of e^{a_[k]} (log space if that could overflow)
-        if a[0] - a[k - 1] < 600.0:
-            acc = tail
-            for m in range(k - 1, -1, -1):
-                acc += math.exp(a[m] - a[k - 1])
-                log_z[m] = a[k - 1] + math.log(acc)
-        else:
-            acc = a[k - 1] + math.log(tail) if tail > 0.0 else -np.inf
-            for m in range(k - 1, -1, -1):
-                acc = _logaddexp(acc, a[m])
-                log_z[m] = acc
-        best, w_star, lz_star, m_star, s_u = np.inf, 0.0, 0.0, 0, 0.0
-        for m in range(k):
-            w = (s_u + (k - m) * (log_z[m] - log_km[m])) / k
-            tau = w - (s_u - m * w) / (k - m)
-            above = a[m - 1] if m > 0 else np.inf
-            bad = max(max(a[m] - tau, 0.0), max(tau - above, 0.0))  # a_[m] ≥ τ ≥ a_[m+1]
-            if bad < best:
-                best, w_star, lz_star, m_star = bad, w, log_z[m], m
-            s_u += a[m]
-        z = w_star + math.log(k)
-        loss[b] = max(z, 0.0) + math.log1p(math.exp(-abs(z)))
-        sigma = 1.0 / (1.0 + math.exp(-z)) if z >= 0.0 else math.exp(z) / (1.0 + math.exp(z))
-        cap = sigma / k
-        # free entries: x_j = σ(k−m)/k · e^{a_j}/Z_m = e^{a_j + lc} = e^{a_[k] + lc} · total · p_j; capped: σ/k
-        lc = math.log(sigma * (k - m_star) / k) - lz_star if sigma > 0.0 else -np.inf
-        scale = math.exp(a[k - 1] + lc) * total
-        row = p[b]
-        for j in range(row.shape[0]):
-            row[j] = min(cap, scale * row[j])
-        for i in range(k):  # the top k, whose e^{d} was clipped at 1
-            arg = a[i] + lc
-            row[idx[b, i]] = cap if arg >= 0.0 else min(cap, math.exp(arg))
-        row[y] = -sigma
-
-
 def _compile() -> None:
     """Compile the kernels once (numba, cached on disk); imported lazily so `import losses` stays fast."""
     global _COMPILED
@@ -405,8 +274,7 @@ def _compile() -> None:
         import numba
 
         jit = numba.njit(cache=True)
-        for name in ("_select", "_capped_threshold", "_cone_kkt", "_cone_threshold", "_svm_rows", "_hard_svm_rows",
-                     "_truncated_prepare", "_truncated_finish", "_entropy_prepare", "_logaddexp", "_entropy_finish"):
+        for name in ("_select", "_capped_threshold", "_cone_kkt", "_cone_threshold", "_svm_rows", "_hard_svm_rows"):
             globals()[name] = jit(globals()[name])
         _COMPILED = True
 
@@ -422,43 +290,10 @@ def svm_rows(s: torch.Tensor, labels: torch.Tensor, k: int, gamma: float,
     return torch.from_numpy(loss).to(s.dtype), grad
 
 
-def entropy_rows(s: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss [B], grad [B, n]) of the top-k entropy; arguments as for `svm_rows`."""
-    _compile()
-    batch = s.shape[0]
-    top = np.empty((batch, k))
-    idx = np.empty((batch, k), dtype=np.int64)
-    nans = np.empty(batch, dtype=np.int64)
-    d = torch.empty_like(s)
-    s_np, lab_np = s.numpy(), labels.numpy()
-    _entropy_prepare(s_np, lab_np, k, _EXP_FLOOR[s.dtype], top, idx, nans, d.numpy())
-    grad = torch.softmax(d, dim=1)  # torch's vectorised exp: several times faster than a compiled loop's
-    del d
-    loss = np.empty(batch)
-    _entropy_finish(s_np, lab_np, top, idx, nans, loss, grad.numpy())
-    return torch.from_numpy(loss).to(s.dtype), grad
-
-
 def hard_svm_rows(s: torch.Tensor, labels: torch.Tensor, k: int, alpha: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss [B], grad [B, n]) of the top-k SVM α (alpha) or β with γ = 0; arguments as for `svm_rows`."""
     _compile()
     loss = np.empty(s.shape[0])
     grad = torch.empty_like(s)
     _hard_svm_rows(s.numpy(), labels.numpy(), k, bool(alpha), loss, grad.numpy())
-    return torch.from_numpy(loss).to(s.dtype), grad
-
-
-def truncated_entropy_rows(s: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss [B], grad [B, n]) of the truncated top-k entropy; arguments as for `svm_rows`."""
-    _compile()
-    batch = s.shape[0]
-    top_col = np.empty(batch, dtype=np.int64)
-    nans = np.empty(batch, dtype=np.int64)
-    d = torch.empty_like(s)
-    s_np, lab_np = s.numpy(), labels.numpy()
-    _truncated_prepare(s_np, lab_np, k, top_col, nans, d.numpy())
-    grad = torch.softmax(d, dim=1)
-    del d
-    loss = np.empty(batch)
-    _truncated_finish(s_np, lab_np, top_col, nans, loss, grad.numpy())
     return torch.from_numpy(loss).to(s.dtype), grad

@@ -1,6 +1,7 @@
-"""The CPU kernels of the Lapin losses (losses/lapin_kernels.py: smoothed and hard top-k SVMs, top-k and
-truncated top-k entropy) against the pure-torch path (itself checked against brute force in
-test_lapin.py), an optimality certificate of the projection, and a stable sort for the selection."""
+"""The CPU kernels of the Lapin losses (losses/lapin_kernels.py, losses/lapin_entropy_kernels.py: smoothed
+and hard top-k SVMs, top-k and truncated top-k entropy) against the pure-torch path (itself checked against
+brute force in test_lapin.py), an optimality certificate of the projection, and a stable sort for the
+selection."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 
 import losses  # noqa: F401  (registers the losses)
 from harness import build_loss
-from losses import lapin_kernels
+from losses import lapin_entropy_kernels, lapin_kernels
 
 KERNEL_LOSSES = [("lapin_svm_alpha", {"gamma": 1.0}), ("lapin_svm_beta", {"gamma": 1.0}), ("lapin_entropy", {}),
                  ("lapin_svm_alpha", {"gamma": 0.0}), ("lapin_svm_beta", {"gamma": 0.0}),
@@ -26,9 +27,9 @@ def _kernel(name: str, params: dict):
     """The per-row kernel behind a loss config: (scores, labels, k) -> (loss [B], grad [B, n])."""
     gamma, alpha = params.get("gamma", 0.0), name.endswith("alpha")
     if name == "lapin_entropy":
-        return lapin_kernels.entropy_rows
+        return lapin_entropy_kernels.entropy_rows
     if name == "lapin_truncated_entropy":
-        return lapin_kernels.truncated_entropy_rows
+        return lapin_entropy_kernels.truncated_entropy_rows
     if gamma > 0:
         return lambda s, y, k: lapin_kernels.svm_rows(s, y, k, gamma, alpha)
     return lambda s, y, k: lapin_kernels.hard_svm_rows(s, y, k, alpha)
