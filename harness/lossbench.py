@@ -15,7 +15,9 @@ rounds. CUDA is synchronised around each pass; on CPU the thread count is fixed 
 config slower than 1 s per pass is timed on its own (3 repeats).
 
 Peak memory, in a separate pass: on CUDA ``max_memory_allocated`` during one pass minus what was
-allocated before it; on CPU one pass in a fresh subprocess, reporting the growth of its peak RSS
+allocated before it; on CPU one pass in a fresh subprocess after one untimed warm-up pass (so JIT
+compilation and lazy imports are not counted; glibc maps every block of 4 KiB or more on its own and
+trims the heap, so the warm-up's buffers are returned, not reused), reporting the growth of its peak RSS
 (Linux: the high-water mark is reset through ``/proc/self/clear_refs``), an upper bound of the
 pass's working set. On CPU the address space is capped (``--memory-limit-gb``, by default what is
 free now) so a config that needs more fails as ``oom`` instead of taking the machine down.
@@ -255,7 +257,10 @@ def _cpu_peak_mb(job: dict[str, Any], timeout: float = 900) -> float:
     proc = subprocess.run(
         [sys.executable, "-c", "from harness.lossbench import _child; _child()", json.dumps(job)],
         capture_output=True, text=True, timeout=timeout, cwd=root,
-        env={**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")},
+        # a fixed mmap threshold: buffers of the warm-up pass go back to the OS when freed, so the measured
+        # pass allocates them again (glibc's adaptive threshold would keep them on the heap and hide them)
+        env={**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             "MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "0"},
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("LOSSBENCH ")]
     if proc.returncode != 0 or not lines:
@@ -273,6 +278,8 @@ def _child() -> None:
         torch.set_num_threads(job["threads"])
     fn = _build(job["kind"], job["name"], job["params"], job["n"], torch.device("cpu"), job["label"], job["options"])
     scores, labels = _inputs(job["n"], job["batch"], torch.device("cpu"), scale=job.get("scale", 1.0))
+    with contextlib.redirect_stdout(io.StringIO()):  # one-time costs (numba JIT, lazy imports) are not the pass's
+        forward_backward(fn, scores, labels)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = status_kb("VmHWM")
     with contextlib.redirect_stdout(io.StringIO()):

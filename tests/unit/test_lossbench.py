@@ -179,3 +179,13 @@ def test_skip_unfit_marks_rows_na_and_still_refuses_a_config_that_fits_nothing(t
     assert "fits none of the class counts" in capsys.readouterr().err
     path.write_text(path.read_text().replace("skip_unfit: true", "skip_unfit: false").replace("[10, 12]", "[10, 40]"))
     assert main(["bench-loss", "--suite", str(path), "--no-memory"]) == 2  # the default stays strict
+
+
+def test_cpu_memory_pass_counts_the_working_set_not_jit_or_imports():
+    # softmax CE at n = 20 000, batch 256 holds its float32 softmax and gradient (2 × 19.5 MiB) at once;
+    # the Lapin kernels' first call compiles numba code (~120 MB of RSS) that the warm-up pass absorbs
+    df = bench_losses([("softmax", {}), ("lapin_svm_alpha", {"gamma": 1.0})], [20000], 256, "cpu", 1,
+                      repeats=1, warmup=0, reference=False, memory=True)
+    mem = df.set_index("loss")["peak_mem_mb"]
+    assert 30 < mem["softmax"] < 60
+    assert mem["lapin_svm_alpha"] < 30
