@@ -235,18 +235,71 @@ def _descending_order(z: np.ndarray) -> np.ndarray:
     return np.argsort(-z, axis=1)
 
 
+HEAD_MIN = 32  # scores kept by the sparse-w path at first (×4 per retry while some row needs more)
+
+
+def _sparse_head(w_np: np.ndarray, mode: str, n: int) -> int:
+    """K = the length of w's non-zero head when w is one row, zero beyond K ≪ n and mode is l2/p4/3; else 0."""
+    if mode == "kl" or w_np.shape[0] != 1:
+        return 0
+    nonzero = np.flatnonzero(w_np[0])
+    k = int(nonzero[-1]) + 1 if nonzero.size else 1
+    return k if max(HEAD_MIN, 4 * k) * 4 <= n else 0
+
+
+def _project_head(z_np: np.ndarray, w_np: np.ndarray, mode: str, k: int) -> tuple | None:
+    """The projection when w is zero beyond its first k entries, from the M largest scores only.
+
+    Past the head, PAV sees x_i = s_i (w_i = 0), already decreasing, so every score below the last
+    block that reaches into the M largest is a singleton block: v_i = s_i, y_i = 0 and (Jᵀg)_i = 0.
+    That holds per row when the M-th largest is its own block and strictly above the (M+1)-th; with
+    the same order of ties as the full sort, the result is the full path's, bit for bit. Returns
+    (indices [B, M], y, d, block over them) or None where some row needs more than n/4 scores.
+    """
+    from losses.select import top_indices
+
+    batch, n = z_np.shape
+    if np.isnan(z_np).any():
+        return None
+    m = max(HEAD_MIN, 4 * k)
+    no_label = np.full(batch, -1, dtype=np.int64)
+    while m * 4 <= n:
+        idx = top_indices(z_np, no_label, m + 1)
+        sub = np.take_along_axis(z_np, idx, 1)
+        order = np.ascontiguousarray(np.broadcast_to(np.arange(m), (batch, m)))
+        y = np.empty((batch, m), dtype=z_np.dtype)
+        d = np.empty_like(y)
+        block = np.empty((batch, m), dtype=np.int64)
+        _kernels()["_project_rows"](np.ascontiguousarray(sub[:, :m]), order, np.ascontiguousarray(w_np[:, :m]),
+                                    _MODE_ID[mode], y, d, block)
+        if bool(((block[:, m - 1] == m - 1) & (sub[:, m - 1] > sub[:, m])).all()):
+            return np.ascontiguousarray(idx[:, :m]), y, d, block
+        m *= 4
+    return None
+
+
 class _Projection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, w, mode: str):  # type: ignore[override]
         kernels = _kernels()
         z_np = np.ascontiguousarray(z.detach().cpu().numpy())
-        order = _descending_order(z_np)
         w_rows = w[:1] if w.stride(0) == 0 else w  # an expanded [n] row: read once, not B copies
         w_np = np.ascontiguousarray(w_rows.detach().double().cpu().numpy())
+        k = _sparse_head(w_np, mode, z_np.shape[1]) if z_np.dtype == np.float32 else 0
+        head = _project_head(z_np, w_np, mode, k) if k else None
+        if head is not None:  # only the largest scores move; the rest are 0 with zero gradient
+            idx, y_head, d, block = head
+            y = np.zeros_like(z_np)
+            np.put_along_axis(y, idx, y_head, 1)
+            ctx.head = True
+            ctx.save_for_backward(torch.from_numpy(idx), torch.from_numpy(d), torch.from_numpy(block))
+            return torch.from_numpy(y).to(z.device)
+        order = _descending_order(z_np)
         y = np.empty_like(z_np)
         d = np.empty_like(z_np)
         block = np.empty(z_np.shape, dtype=np.int64)
         kernels["_project_rows"](z_np, order, w_np, _MODE_ID[mode], y, d, block)
+        ctx.head = False
         ctx.save_for_backward(torch.from_numpy(order), torch.from_numpy(d), torch.from_numpy(block))
         return torch.from_numpy(y).to(z.device)
 
@@ -254,6 +307,14 @@ class _Projection(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         order, d, block = ctx.saved_tensors
         grad_np = np.ascontiguousarray(grad.detach().cpu().to(d.dtype).numpy())
+        if ctx.head:  # order = the head's indices; the rest of the gradient is 0
+            sub = np.ascontiguousarray(np.take_along_axis(grad_np, order.numpy(), 1))
+            local = np.ascontiguousarray(np.broadcast_to(np.arange(sub.shape[1]), sub.shape))
+            out_sub = np.empty_like(sub)
+            _kernels()["_backward_rows"](sub, local, d.numpy(), block.numpy(), out_sub)
+            out = np.zeros_like(grad_np)
+            np.put_along_axis(out, order.numpy(), out_sub, 1)
+            return torch.from_numpy(out).to(grad.device), None, None
         out = np.empty_like(grad_np)
         _kernels()["_backward_rows"](grad_np, order.numpy(), d.numpy(), block.numpy(), out)
         return torch.from_numpy(out).to(grad.device), None, None

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 _KERNEL = None
-CHUNK = 16  # scores scanned per vectorised test
+MAX_CHUNK = 16  # scores per chunk (fewer when count is large: there must be more chunks than count)
 
 
 def _insert(row: np.ndarray, lo: int, hi: int, y: int, threshold: float, count: int, filled: int,
@@ -67,15 +67,15 @@ def _kth_largest(values: np.ndarray, k: int) -> float:
     return values[target]
 
 
-def _select_rows(s: np.ndarray, labels: np.ndarray, count: int, out: np.ndarray) -> None:
+def _select_rows(s: np.ndarray, labels: np.ndarray, count: int, chunk: int, out: np.ndarray) -> None:
     """out[b] = indices of the ``count`` largest s[b, j], j ≠ labels[b], descending (NaN largest).
 
-    Per row: the maxima of chunks of CHUNK scores (vectorised; the label's chunk without the label);
+    Per row: the maxima of chunks of ``chunk`` scores (vectorised; the label's chunk without the label);
     the count-th largest of them, T, is a lower bound of the count-th largest score (count chunks
     each hold a score ≥ T), so only the chunks whose maximum is ≥ T go through the sorted buffer.
     """
     batch, n = s.shape
-    chunks = (n + CHUNK - 1) // CHUNK
+    chunks = (n + chunk - 1) // chunk
     maxima = np.empty(chunks)
     ordered = np.empty(chunks)
     keys = np.empty(count)
@@ -90,29 +90,28 @@ def _select_rows(s: np.ndarray, labels: np.ndarray, count: int, out: np.ndarray)
             continue
         for c in range(chunks):
             top = -math.inf
-            for j in range(c * CHUNK, min(c * CHUNK + CHUNK, n)):
+            for j in range(c * chunk, min(c * chunk + chunk, n)):
                 top = max(top, row[j])
             maxima[c] = top
-        c = y // CHUNK
-        top = -math.inf
-        for j in range(c * CHUNK, min(c * CHUNK + CHUNK, n)):
-            if j != y:
-                top = max(top, row[j])
-        maxima[c] = top
+        if y >= 0:  # the label's chunk without the label
+            c = y // chunk
+            top = -math.inf
+            for j in range(c * chunk, min(c * chunk + chunk, n)):
+                if j != y:
+                    top = max(top, row[j])
+            maxima[c] = top
         ordered[:] = maxima
         threshold = _kth_largest(ordered, count)
         filled = 0
         for c in range(chunks):
             if maxima[c] >= threshold:
-                filled = _insert(row, c * CHUNK, min(c * CHUNK + CHUNK, n), y, threshold, count, filled,
+                filled = _insert(row, c * chunk, min(c * chunk + chunk, n), y, threshold, count, filled,
                                  keys, out[b])
 
 
-def top_other_indices(s: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices [B, count] of the ``count`` largest scores other than the label's, descending."""
-    if s.device.type != "cpu" or s.shape[1] - 1 < count:
-        others = s.detach().scatter(1, labels.unsqueeze(1), float("-inf"))
-        return others.topk(count, dim=1, sorted=True).indices
+def top_indices(values: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
+    """Indices [B, count] of the ``count`` largest entries of each row of values (float32/64), the one at
+    labels[b] left out (−1: none), descending, ties by index, NaN largest (compiled)."""
     global _KERNEL
     if _KERNEL is None:
         import numba
@@ -120,7 +119,15 @@ def top_other_indices(s: torch.Tensor, labels: torch.Tensor, count: int) -> torc
         for name in ("_insert", "_kth_largest"):
             globals()[name] = numba.njit(cache=True, inline="always")(globals()[name])
         _KERNEL = numba.njit(cache=True)(_select_rows)
-    values = s.detach().contiguous().numpy()
-    out = np.empty((s.shape[0], count), dtype=np.int64)
-    _KERNEL(values, np.ascontiguousarray(labels.numpy(), dtype=np.int64), count, out)
-    return torch.from_numpy(out)
+    out = np.empty((values.shape[0], count), dtype=np.int64)
+    chunk = min(MAX_CHUNK, max(4, values.shape[1] // (4 * count)))
+    _KERNEL(np.ascontiguousarray(values), np.ascontiguousarray(labels, dtype=np.int64), count, chunk, out)
+    return out
+
+
+def top_other_indices(s: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices [B, count] of the ``count`` largest scores other than the label's, descending."""
+    if s.device.type != "cpu" or s.shape[1] - 1 < count:
+        others = s.detach().scatter(1, labels.unsqueeze(1), float("-inf"))
+        return others.topk(count, dim=1, sorted=True).indices
+    return torch.from_numpy(top_indices(s.detach().numpy(), labels.numpy(), count))

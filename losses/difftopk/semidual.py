@@ -25,12 +25,14 @@ def _semi_dual(cost, g, b, eps, sigma, c):
         value += b[j] * g[j]
     for i in range(n):
         top = -math.inf
+        best = 0
         for j in range(r):
             sigma[i, j] = (g[j] - cost[i, j]) / eps
-            top = max(top, sigma[i, j])
+            if sigma[i, j] > top:
+                top, best = sigma[i, j], j
         total = 0.0
-        for j in range(r):
-            sigma[i, j] = math.exp(sigma[i, j] - top)
+        for j in range(r):  # exp(top − top) = 1 exactly: one exp fewer per class
+            sigma[i, j] = math.exp(sigma[i, j] - top) if j != best else 1.0
             total += sigma[i, j]
         for j in range(r):
             sigma[i, j] /= total
@@ -88,13 +90,21 @@ def _solve_batch(cost, b, stages, stage_tols, g_all, budget, step_cap, errors, u
     zero = np.zeros(r)
     for s in range(batch):
         g = g_all[s]
-        if _semi_dual(cost[s], zero, b, stages[0], sigma, c) >= _semi_dual(cost[s], g, b, stages[0], sigma, c):
-            g[:] = 0.0  # the given start is worse than 0 at the first ε
+        start_value = _semi_dual(cost[s], g, b, stages[0], sigma, c)
+        zero_value = _semi_dual(cost[s], zero, b, stages[0], t_sigma, t_c)
+        if zero_value >= start_value:  # the given start is worse than 0 at the first ε
+            g[:] = 0.0
+            sigma[:, :] = t_sigma
+            c[:] = t_c
+            start_value = zero_value
         steps = 0
         err = math.inf
         for stage in range(len(stages)):
             eps, tol = stages[stage], stage_tols[stage]
-            value = _semi_dual(cost[s], g, b, eps, sigma, c)
+            if stage == 0:  # evaluated just above
+                value = start_value
+            else:
+                value = _semi_dual(cost[s], g, b, eps, sigma, c)
             err = _error(c, b)
             mu = 1e-6
             while err > tol and steps < budget:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from losses.difftopk.semidual import solve_semi_dual, solve_systems
@@ -216,7 +217,10 @@ def hard_potentials(x: torch.Tensor, anchors: torch.Tensor, b: torch.Tensor) -> 
     potentials make those boundaries indifferent: g_{j+1} − g_j = −(a_{j+1} − a_j)(2x_b − a_j − a_{j+1}).
     """
     n = x.shape[1]
-    xs = x.detach().sort(dim=1).values
+    if x.device.type == "cpu":  # numpy's vectorised sort: several times faster than torch's on the CPU
+        xs = torch.from_numpy(np.sort(x.detach().numpy(), axis=1))
+    else:
+        xs = x.detach().sort(dim=1).values
     cut = (b.detach().cumsum(0)[:-1] * n).clamp(1, n - 1)  # points before each boundary
     lo = xs[:, (cut.ceil() - 1).long()]
     hi = xs[:, cut.floor().long()]
