@@ -239,8 +239,11 @@ HEAD_MIN = 32  # scores kept by the sparse-w path at first (×4 per retry while 
 
 
 def _sparse_head(w_np: np.ndarray, mode: str, n: int) -> int:
-    """K = the length of w's non-zero head when w is one row, zero beyond K ≪ n and mode is l2/p4/3; else 0."""
-    if mode == "kl" or w_np.shape[0] != 1:
+    """K = the length of w's non-zero head when w is one row, zero beyond K ≪ n and mode is p4/3; else 0.
+
+    Not for l2: there PAV pools tied scores in the tail into blocks whose backward mixes their gradients
+    (d = 1), which the shortcut (tail gradient 0, the derivative away from ties) would not reproduce."""
+    if mode != "p4/3" or w_np.shape[0] != 1:
         return 0
     nonzero = np.flatnonzero(w_np[0])
     k = int(nonzero[-1]) + 1 if nonzero.size else 1
