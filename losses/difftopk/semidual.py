@@ -152,6 +152,94 @@ def _solve_batch(cost, b, stages, stage_tols, g_all, budget, step_cap, errors, u
         used[s] = steps
 
 
+def _plan_rows(cost, g, eps, plan):
+    """plan[s, j, i] = softmax_j((g_j − cost[s, i, j])/ε)/n: the plan of the potentials g [B, r], [B, r, n]."""
+    batch, n, r = cost.shape
+    logits = np.empty(r)
+    for s in range(batch):
+        for i in range(n):
+            top = -math.inf
+            for j in range(r):
+                logits[j] = cost[s, i, j] / -eps + g[s, j] / eps
+                top = max(top, logits[j])
+            total = 0.0
+            for j in range(r):
+                logits[j] = math.exp(logits[j] - top)
+                total += logits[j]
+            for j in range(r):
+                plan[s, j, i] = logits[j] / total / n
+
+
+def _plan_backward_rows(grad, pi, eps, out, ok):
+    """dL/dC [B, n, r] from dL/dπ (grad [B, n, r]) at the plan pi [B, r, n] by implicit differentiation
+    (see ``losses.difftopk.sinkhorn``): the Schur complement built as a graph Laplacian, one potential
+    pinned; ok[s] = False where its system is singular (the caller redoes those samples)."""
+    batch, n, r = grad.shape
+    a = 1.0 / n
+    weighted = np.empty((r, n))
+    row = np.empty(n)
+    col = np.empty(r)
+    schur = np.empty((r, r))
+    rhs = np.empty(r)
+    w = np.zeros(r)
+    for s in range(batch):
+        for i in range(n):
+            row[i] = 0.0
+        for j in range(r):
+            col[j] = 0.0
+            for i in range(n):
+                v = grad[s, i, j] * pi[s, j, i] / eps
+                weighted[j, i] = v
+                row[i] += v
+                col[j] += v
+        for j in range(r):
+            for q in range(r):
+                schur[j, q] = 0.0
+        for j in range(r):
+            for q in range(j + 1, r):
+                acc = 0.0
+                for i in range(n):
+                    acc += pi[s, j, i] * pi[s, q, i]
+                acc /= a
+                schur[j, q] = -acc
+                schur[q, j] = -acc
+                schur[j, j] += acc
+                schur[q, q] += acc
+        for j in range(r):
+            acc = 0.0
+            for i in range(n):
+                acc += pi[s, j, i] * (row[i] / a)
+            rhs[j] = col[j] - acc
+        w[r - 1] = 0.0
+        ok[s] = _solve_small(schur[:r - 1, :r - 1].copy(), rhs[:r - 1].copy(), w[:r - 1])
+        if not ok[s]:
+            continue
+        for i in range(n):
+            acc = 0.0
+            for j in range(r):
+                acc += w[j] * pi[s, j, i]
+            u = (row[i] - acc) / a
+            for j in range(r):
+                out[s, i, j] = pi[s, j, i] * (u + w[j]) - weighted[j, i]
+
+
+def plan_of_potentials(cost: np.ndarray, g: np.ndarray, eps: float) -> np.ndarray:
+    """The entropic plan [B, r, n] (float64) of anchor potentials g [B, r] for cost [B, n, r] (compiled)."""
+    _compile()
+    plan = np.empty((cost.shape[0], cost.shape[2], cost.shape[1]))
+    _PLAN(np.ascontiguousarray(cost), np.ascontiguousarray(g), float(eps), plan)
+    return plan
+
+
+def plan_backward(grad: np.ndarray, pi: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(dL/dC [B, n, r], ok [B]) for dL/dπ grad [B, n, r] (float64) at the plan pi [B, r, n] (compiled)."""
+    _compile()
+    out = np.zeros(grad.shape)
+    ok = np.empty(grad.shape[0], dtype=np.bool_)
+    _PLAN_BACKWARD(np.ascontiguousarray(grad), np.ascontiguousarray(pi), float(eps), out, ok)
+    return out, ok
+
+
 def _solve_systems(a, rhs, out, ok):
     work = np.empty(a.shape[1:])
     vec = np.empty(rhs.shape[1])
@@ -173,7 +261,7 @@ def solve_systems(a: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 
 
 def _compile() -> None:
-    global _KERNEL, _SYSTEMS
+    global _KERNEL, _SYSTEMS, _PLAN, _PLAN_BACKWARD
     if _KERNEL is None:
         import numba
 
@@ -182,9 +270,11 @@ def _compile() -> None:
             globals()[name] = jit(globals()[name])
         _KERNEL = jit(_solve_batch)
         _SYSTEMS = jit(_solve_systems)
+        _PLAN = jit(_plan_rows)
+        _PLAN_BACKWARD = jit(_plan_backward_rows)
 
 
-_SYSTEMS = None
+_SYSTEMS = _PLAN = _PLAN_BACKWARD = None
 
 
 def solve_semi_dual(cost: np.ndarray, b: np.ndarray, stages: list[float], stage_tols: list[float],
