@@ -20,6 +20,7 @@ def _semi_dual(cost, g, b, eps, sigma, c):
     """Fills sigma [n, r] and c [r]; returns the semi-dual value at g."""
     n, r = cost.shape
     value = 0.0
+    product, logs = 1.0, 0.0  # Σ_i log(total_i) = logs + log(product)
     for j in range(r):
         c[j] = 0.0
         value += b[j] * g[j]
@@ -37,8 +38,12 @@ def _semi_dual(cost, g, b, eps, sigma, c):
         for j in range(r):
             sigma[i, j] /= total
             c[j] += sigma[i, j] / n
-        value -= eps * (top + math.log(total)) / n
-    return value
+        value -= eps * top / n
+        product *= total  # each total is in [1, r]: one log per row of the product, not one per class
+        if product > 1e250:
+            logs += math.log(product)
+            product = 1.0
+    return value - eps * (logs + math.log(product)) / n
 
 
 def _error(c, b):
