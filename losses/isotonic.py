@@ -206,6 +206,29 @@ def _backward_rows(grad: np.ndarray, order: np.ndarray, d: np.ndarray, block: np
             start = stop
 
 
+def _label_backward_rows(grad: np.ndarray, order: np.ndarray, d: np.ndarray, block: np.ndarray, index: np.ndarray,
+                         out: np.ndarray) -> None:
+    """(Jᵀg) for a gradient g that is grad[b] at index[b] and 0 elsewhere: only the block holding index[b]
+    (sorted position p) moves, out_j = d_j·(δ_jp·g − d_p·g/Σ_B d) (0/0 := 0), in input order; O(block)."""
+    batch, n = out.shape
+    for b in range(batch):
+        pos = 0
+        while order[b, pos] != index[b]:
+            pos += 1
+        start = block[b, pos]
+        stop = pos + 1
+        while stop < n and block[b, stop] == start:
+            stop += 1
+        den = d[b, start] * 0
+        for i in range(start, stop):
+            den += d[b, i]
+        g = grad[b] * d[b, pos]
+        ratio = g / den if den > 0 else den * 0
+        for i in range(start, stop):
+            j = order[b, i]
+            out[b, j] = (g if i == pos else d[b, i] * 0) - d[b, i] * ratio
+
+
 _KERNELS: dict = {}
 
 
@@ -215,7 +238,7 @@ def _kernels() -> dict:
 
         _kernel()
         globals()["_pav_batch_jit"] = _KERNEL
-        for name in ("_sort_keys", "_order_of_keys", "_project_rows", "_backward_rows"):
+        for name in ("_sort_keys", "_order_of_keys", "_project_rows", "_backward_rows", "_label_backward_rows"):
             _KERNELS[name] = numba.njit(cache=True)(globals()[name])
     return _KERNELS
 
@@ -321,6 +344,43 @@ class _Projection(torch.autograd.Function):
         out = np.empty_like(grad_np)
         _kernels()["_backward_rows"](grad_np, order.numpy(), d.numpy(), block.numpy(), out)
         return torch.from_numpy(out).to(grad.device), None, None
+
+
+class _ProjectionAt(torch.autograd.Function):
+    """y[b, index[b]] of the projection, [B], with a backward that touches only the index's block (CPU)."""
+
+    @staticmethod
+    def forward(ctx, z, w, mode: str, index):  # type: ignore[override]
+        z_np = np.ascontiguousarray(z.detach().numpy())
+        order = _descending_order(z_np)
+        w_rows = w[:1] if w.stride(0) == 0 else w
+        w_np = np.ascontiguousarray(w_rows.detach().double().numpy())
+        y = np.empty_like(z_np)
+        d = np.empty_like(z_np)
+        block = np.empty(z_np.shape, dtype=np.int64)
+        _kernels()["_project_rows"](z_np, order, w_np, _MODE_ID[mode], y, d, block)
+        idx = np.ascontiguousarray(index.numpy(), dtype=np.int64)
+        ctx.save_for_backward(torch.from_numpy(order), torch.from_numpy(d), torch.from_numpy(block), index)
+        return torch.from_numpy(y[np.arange(y.shape[0]), idx])
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        order, d, block, index = ctx.saved_tensors
+        out = np.zeros(d.shape, dtype=d.numpy().dtype)
+        g = np.ascontiguousarray(grad.detach().to(d.dtype).numpy())
+        _kernels()["_label_backward_rows"](g, order.numpy(), d.numpy(), block.numpy(),
+                                           np.ascontiguousarray(index.numpy(), dtype=np.int64), out)
+        return torch.from_numpy(out), None, None, None
+
+
+def projection_at(z: torch.Tensor, w: torch.Tensor, index: torch.Tensor, mode: str = "l2") -> torch.Tensor:
+    """``permutahedron_projection(z, w, mode).gather(1, index[:, None])[:, 0]``, [B]; on the CPU (float32/64)
+    its backward costs O(block of the index) per row instead of O(n)."""
+    if z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64):
+        return permutahedron_projection(z, w, mode).gather(1, index.view(-1, 1)).squeeze(1)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return _ProjectionAt.apply(z, w.to(z.dtype).expand_as(z), mode, index.long())
 
 
 def permutahedron_projection(z: torch.Tensor, w: torch.Tensor, mode: str = "l2") -> torch.Tensor:

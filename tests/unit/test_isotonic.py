@@ -226,3 +226,26 @@ def test_float32_path_matches_float64_and_keeps_nan():
     bad = z.float().clone()
     bad[2, 5] = float("nan")
     assert torch.isnan(permutahedron_projection(bad, w, "l2")[2]).any()
+
+
+@pytest.mark.parametrize("reg", ["l2", "kl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_soft_rank_at_equals_the_gathered_soft_rank(reg, dtype):
+    """The label-only soft rank (O(block) backward) equals the full one gathered, values and gradients."""
+    from losses.soft_rank import soft_rank_at
+
+    theta = torch.randn(16, 200, generator=torch.Generator().manual_seed(13)).to(dtype)
+    theta[0, :20] = theta[0, 0]  # ties
+    index = torch.randint(0, 200, (16,), generator=torch.Generator().manual_seed(14))
+    index[0] = 3
+    weights = torch.randn(16, generator=torch.Generator().manual_seed(15)).to(dtype)
+    a, b = theta.clone().requires_grad_(), theta.clone().requires_grad_()
+    full = soft_rank(a, 0.5, reg).gather(1, index.view(-1, 1)).squeeze(1)
+    at = soft_rank_at(b, index, 0.5, reg)
+    (full * weights).sum().backward()
+    (at * weights).sum().backward()
+    assert torch.equal(full, at)
+    assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=0)  # float32 kl: the last bit of a few entries
+    if dtype == torch.float64:
+        x = theta[:3, :12].clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda v: soft_rank_at(v, index[:3] % 12, 0.5, reg), (x,))
