@@ -19,7 +19,7 @@ def _reference(s: torch.Tensor, labels: torch.Tensor, count: int) -> np.ndarray:
     return np.array(rows)
 
 
-@pytest.mark.parametrize("n,count", [(1000, 15), (10_000, 15), (100, 31), (40, 15), (17, 15), (20, 3)])
+@pytest.mark.parametrize("n,count", [(1000, 15), (10_000, 15), (2000, 65), (100, 31), (40, 15), (17, 15), (20, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_matches_topk_on_random_scores(n, count, dtype):
     g = torch.Generator().manual_seed(n + count)
