@@ -175,10 +175,11 @@ def _plan_rows(cost, g, eps, plan):
                 plan[s, j, i] = logits[j] / total / n
 
 
-def _plan_backward_rows(grad, pi, eps, out, ok):
+def _plan_backward_rows(grad, pi, eps, max_amplification, out, ok):
     """dL/dC [B, n, r] from dL/dπ (grad [B, n, r]) at the plan pi [B, r, n] by implicit differentiation
     (see ``losses.difftopk.sinkhorn``): the Schur complement built as a graph Laplacian, one potential
-    pinned; ok[s] = False where its system is singular (the caller redoes those samples)."""
+    pinned; ok[s] = False where its system is singular or amplifies its right-hand side by more than
+    max_amplification (the caller redoes those samples)."""
     batch, n, r = grad.shape
     a = 1.0 / n
     weighted = np.empty((r, n))
@@ -216,8 +217,17 @@ def _plan_backward_rows(grad, pi, eps, out, ok):
                 acc += pi[s, j, i] * (row[i] / a)
             rhs[j] = col[j] - acc
         w[r - 1] = 0.0
+        size, scale = 0.0, 0.0  # ‖S‖_max·‖w‖_max against ‖rhs‖_max: the guard of sinkhorn._solve_guarded
+        for j in range(r - 1):
+            scale = max(scale, abs(rhs[j]))
+            for q in range(r - 1):
+                size = max(size, abs(schur[j, q]))
         ok[s] = _solve_small(schur[:r - 1, :r - 1].copy(), rhs[:r - 1].copy(), w[:r - 1])
-        if not ok[s]:
+        top = 0.0
+        for j in range(r - 1):
+            top = max(top, abs(w[j]))
+        if not ok[s] or not size * top <= max_amplification * max(scale, 1e-300):
+            ok[s] = False  # singular or amplifying: the caller redoes it with the pseudo-inverse
             continue
         for i in range(n):
             acc = 0.0
@@ -236,12 +246,14 @@ def plan_of_potentials(cost: np.ndarray, g: np.ndarray, eps: float) -> np.ndarra
     return plan
 
 
-def plan_backward(grad: np.ndarray, pi: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+def plan_backward(grad: np.ndarray, pi: np.ndarray, eps: float,
+                  max_amplification: float) -> tuple[np.ndarray, np.ndarray]:
     """(dL/dC [B, n, r], ok [B]) for dL/dπ grad [B, n, r] (float64) at the plan pi [B, r, n] (compiled)."""
     _compile()
     out = np.zeros(grad.shape)
     ok = np.empty(grad.shape[0], dtype=np.bool_)
-    _PLAN_BACKWARD(np.ascontiguousarray(grad), np.ascontiguousarray(pi), float(eps), out, ok)
+    _PLAN_BACKWARD(np.ascontiguousarray(grad), np.ascontiguousarray(pi), float(eps), float(max_amplification),
+                   out, ok)
     return out, ok
 
 
