@@ -148,3 +148,6 @@ def test_compare_tuned_suites_uses_the_selected_runs_one_cell_per_row(write_suit
     md = (out / "compare.md").read_text()
     assert "12 records used; 0 left out" in md  # 2 suites × 2 rows × 3 seeds; trials are not used
     assert len({rid for ids in finals.values() for rid in ids}) == 12
+    assert main(["report", str(paths[0]), "--results-dir", str(results)]) == 0  # report reads the tune's records
+    report = (results / "tuned-0" / "report.md").read_text()
+    assert "budget 3 trials per row" in report and "| berrada_smooth[k=2]" in report
