@@ -24,6 +24,7 @@ from torch import nn
 
 from harness.registry import Param
 from losses.common import check_p_k, working_precision
+from losses.select import top_other_indices
 
 TOP1_MODES = ("sort", "sm", "smce")
 DEFAULT_P_K = [0.5, 0.0, 0.0, 0.0, 0.5]
@@ -40,8 +41,7 @@ def topk_ce_params(p_k: list[float] | None = None, top1_mode: str = "sm") -> dic
 
 def preselect(s: torch.Tensor, labels: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[s_y, the m−1 largest other scores (descending)]; the label becomes class 0."""
-    others = s.scatter(1, labels.unsqueeze(1), float("-inf"))
-    idx = others.topk(m - 1, dim=1, sorted=True).indices
+    idx = top_other_indices(s, labels, m - 1)
     return s.gather(1, torch.cat([labels.unsqueeze(1), idx], 1)), torch.zeros_like(labels)
 
 

@@ -12,6 +12,7 @@ from losses.difftopk.label_mass import network_label_mass
 from losses.difftopk.networks import NETWORKS, TorchNetwork
 from losses.difftopk.relaxations import DISTRIBUTIONS
 from losses.difftopk.sinkhorn import sinkhorn_topk
+from losses.topk_ce import preselect
 from losses.difftopk.sorters import (
     SORTERS,
     neuralsort_topk,
@@ -102,10 +103,7 @@ class DiffTopKLoss(nn.Module):
     # ------------------------------------------------------------------
     def preselect(self, s: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[s_y, the m-1 largest other scores (descending)]; the label becomes class 0."""
-        others = s.scatter(1, labels.unsqueeze(1), float("-inf"))
-        idx = others.topk(self.m - 1, dim=1, sorted=True).indices
-        sel = torch.cat([labels.unsqueeze(1), idx], 1)
-        return s.gather(1, sel), torch.zeros_like(labels)
+        return preselect(s, labels, self.m)
 
     def topk_probability(self, s: torch.Tensor) -> torch.Tensor:
         """sum_j w_j P[b, j, :]: the (non-top-1-softmax) top-k mass of every class, [B, n].

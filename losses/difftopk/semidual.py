@@ -20,23 +20,30 @@ def _semi_dual(cost, g, b, eps, sigma, c):
     """Fills sigma [n, r] and c [r]; returns the semi-dual value at g."""
     n, r = cost.shape
     value = 0.0
+    product, logs = 1.0, 0.0  # Σ_i log(total_i) = logs + log(product)
     for j in range(r):
         c[j] = 0.0
         value += b[j] * g[j]
     for i in range(n):
         top = -math.inf
+        best = 0
         for j in range(r):
             sigma[i, j] = (g[j] - cost[i, j]) / eps
-            top = max(top, sigma[i, j])
+            if sigma[i, j] > top:
+                top, best = sigma[i, j], j
         total = 0.0
-        for j in range(r):
-            sigma[i, j] = math.exp(sigma[i, j] - top)
+        for j in range(r):  # exp(top − top) = 1 exactly: one exp fewer per class
+            sigma[i, j] = math.exp(sigma[i, j] - top) if j != best else 1.0
             total += sigma[i, j]
         for j in range(r):
             sigma[i, j] /= total
             c[j] += sigma[i, j] / n
-        value -= eps * (top + math.log(total)) / n
-    return value
+        value -= eps * top / n
+        product *= total  # each total is in [1, r]: one log per row of the product, not one per class
+        if product > 1e250:
+            logs += math.log(product)
+            product = 1.0
+    return value - eps * (logs + math.log(product)) / n
 
 
 def _error(c, b):
@@ -88,13 +95,21 @@ def _solve_batch(cost, b, stages, stage_tols, g_all, budget, step_cap, errors, u
     zero = np.zeros(r)
     for s in range(batch):
         g = g_all[s]
-        if _semi_dual(cost[s], zero, b, stages[0], sigma, c) >= _semi_dual(cost[s], g, b, stages[0], sigma, c):
-            g[:] = 0.0  # the given start is worse than 0 at the first ε
+        start_value = _semi_dual(cost[s], g, b, stages[0], sigma, c)
+        zero_value = _semi_dual(cost[s], zero, b, stages[0], t_sigma, t_c)
+        if zero_value >= start_value:  # the given start is worse than 0 at the first ε
+            g[:] = 0.0
+            sigma[:, :] = t_sigma
+            c[:] = t_c
+            start_value = zero_value
         steps = 0
         err = math.inf
         for stage in range(len(stages)):
             eps, tol = stages[stage], stage_tols[stage]
-            value = _semi_dual(cost[s], g, b, eps, sigma, c)
+            if stage == 0:  # evaluated just above
+                value = start_value
+            else:
+                value = _semi_dual(cost[s], g, b, eps, sigma, c)
             err = _error(c, b)
             mu = 1e-6
             while err > tol and steps < budget:
@@ -142,6 +157,106 @@ def _solve_batch(cost, b, stages, stage_tols, g_all, budget, step_cap, errors, u
         used[s] = steps
 
 
+def _plan_rows(cost, g, eps, plan):
+    """plan[s, j, i] = softmax_j((g_j − cost[s, i, j])/ε)/n: the plan of the potentials g [B, r], [B, r, n]."""
+    batch, n, r = cost.shape
+    logits = np.empty(r)
+    for s in range(batch):
+        for i in range(n):
+            top = -math.inf
+            for j in range(r):
+                logits[j] = cost[s, i, j] / -eps + g[s, j] / eps
+                top = max(top, logits[j])
+            total = 0.0
+            for j in range(r):
+                logits[j] = math.exp(logits[j] - top)
+                total += logits[j]
+            for j in range(r):
+                plan[s, j, i] = logits[j] / total / n
+
+
+def _plan_backward_rows(grad, pi, eps, max_amplification, out, ok):
+    """dL/dC [B, n, r] from dL/dπ (grad [B, n, r]) at the plan pi [B, r, n] by implicit differentiation
+    (see ``losses.difftopk.sinkhorn``): the Schur complement built as a graph Laplacian, one potential
+    pinned; ok[s] = False where its system is singular or amplifies its right-hand side by more than
+    max_amplification (the caller redoes those samples)."""
+    batch, n, r = grad.shape
+    a = 1.0 / n
+    weighted = np.empty((r, n))
+    row = np.empty(n)
+    col = np.empty(r)
+    schur = np.empty((r, r))
+    rhs = np.empty(r)
+    w = np.zeros(r)
+    for s in range(batch):
+        for i in range(n):
+            row[i] = 0.0
+        for j in range(r):
+            col[j] = 0.0
+            for i in range(n):
+                v = grad[s, i, j] * pi[s, j, i] / eps
+                weighted[j, i] = v
+                row[i] += v
+                col[j] += v
+        for j in range(r):
+            for q in range(r):
+                schur[j, q] = 0.0
+        for j in range(r):
+            for q in range(j + 1, r):
+                acc = 0.0
+                for i in range(n):
+                    acc += pi[s, j, i] * pi[s, q, i]
+                acc /= a
+                schur[j, q] = -acc
+                schur[q, j] = -acc
+                schur[j, j] += acc
+                schur[q, q] += acc
+        for j in range(r):
+            acc = 0.0
+            for i in range(n):
+                acc += pi[s, j, i] * (row[i] / a)
+            rhs[j] = col[j] - acc
+        w[r - 1] = 0.0
+        size, scale = 0.0, 0.0  # ‖S‖_max·‖w‖_max against ‖rhs‖_max: the guard of sinkhorn._solve_guarded
+        for j in range(r - 1):
+            scale = max(scale, abs(rhs[j]))
+            for q in range(r - 1):
+                size = max(size, abs(schur[j, q]))
+        ok[s] = _solve_small(schur[:r - 1, :r - 1].copy(), rhs[:r - 1].copy(), w[:r - 1])
+        top = 0.0
+        for j in range(r - 1):
+            top = max(top, abs(w[j]))
+        if not ok[s] or not size * top <= max_amplification * max(scale, 1e-300):
+            ok[s] = False  # singular or amplifying: the caller redoes it with the pseudo-inverse
+            continue
+        for i in range(n):
+            acc = 0.0
+            for j in range(r):
+                acc += w[j] * pi[s, j, i]
+            u = (row[i] - acc) / a
+            for j in range(r):
+                out[s, i, j] = pi[s, j, i] * (u + w[j]) - weighted[j, i]
+
+
+def plan_of_potentials(cost: np.ndarray, g: np.ndarray, eps: float) -> np.ndarray:
+    """The entropic plan [B, r, n] (float64) of anchor potentials g [B, r] for cost [B, n, r] (compiled)."""
+    _compile()
+    plan = np.empty((cost.shape[0], cost.shape[2], cost.shape[1]))
+    _PLAN(np.ascontiguousarray(cost), np.ascontiguousarray(g), float(eps), plan)
+    return plan
+
+
+def plan_backward(grad: np.ndarray, pi: np.ndarray, eps: float,
+                  max_amplification: float) -> tuple[np.ndarray, np.ndarray]:
+    """(dL/dC [B, n, r], ok [B]) for dL/dπ grad [B, n, r] (float64) at the plan pi [B, r, n] (compiled)."""
+    _compile()
+    out = np.zeros(grad.shape)
+    ok = np.empty(grad.shape[0], dtype=np.bool_)
+    _PLAN_BACKWARD(np.ascontiguousarray(grad), np.ascontiguousarray(pi), float(eps), float(max_amplification),
+                   out, ok)
+    return out, ok
+
+
 def _solve_systems(a, rhs, out, ok):
     work = np.empty(a.shape[1:])
     vec = np.empty(rhs.shape[1])
@@ -163,7 +278,7 @@ def solve_systems(a: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 
 
 def _compile() -> None:
-    global _KERNEL, _SYSTEMS
+    global _KERNEL, _SYSTEMS, _PLAN, _PLAN_BACKWARD
     if _KERNEL is None:
         import numba
 
@@ -172,9 +287,11 @@ def _compile() -> None:
             globals()[name] = jit(globals()[name])
         _KERNEL = jit(_solve_batch)
         _SYSTEMS = jit(_solve_systems)
+        _PLAN = jit(_plan_rows)
+        _PLAN_BACKWARD = jit(_plan_backward_rows)
 
 
-_SYSTEMS = None
+_SYSTEMS = _PLAN = _PLAN_BACKWARD = None
 
 
 def solve_semi_dual(cost: np.ndarray, b: np.ndarray, stages: list[float], stage_tols: list[float],

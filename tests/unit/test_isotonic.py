@@ -170,3 +170,82 @@ def test_soft_rank_loss_is_the_rank_hinge():
     pre = harness.build_loss("soft_rank", 9, k=2, epsilon=1e-6, m=4)
     top = s.argmax(1)
     assert abs(pre(s, top).item()) < 1e-12 and abs(loss(s, top).item() - torch.relu(soft_rank(s, 0.3)[torch.arange(4), top] - 2).mean().item()) < 1e-12
+
+
+def _both_paths(z: torch.Tensor, w: torch.Tensor, mode: str, monkeypatch) -> tuple:
+    """(y, grad) through the default CPU path and with the sparse-head shortcut switched off."""
+    import losses.isotonic as iso
+
+    out = []
+    for head in (True, False):
+        with monkeypatch.context() as patch:
+            if not head:
+                patch.setattr(iso, "_sparse_head", lambda *args: 0)
+            x = z.clone().requires_grad_()
+            y = permutahedron_projection(x, w, mode)
+            weights = torch.randn(z.shape, generator=torch.Generator().manual_seed(1), dtype=z.dtype)
+            (y * weights).sum().backward()
+            out.append((y.detach(), x.grad))
+    return out
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0, 30.0])
+def test_sparse_head_path_is_the_full_path_bit_for_bit(scale, monkeypatch):
+    """w zero beyond K: the projection from the largest scores only equals the full sort + PAV exactly."""
+    import losses.isotonic as iso
+
+    z = torch.randn(64, 2000, generator=torch.Generator().manual_seed(11)) * scale
+    z[0, :50] = z[0, :50].max()  # a tie group at the top
+    z[2, 500:600] = z[2, 500]  # and one in the tail
+    w = torch.zeros(2000)
+    w[:5] = 0.5
+    w64 = w[None].double().numpy()
+    mode = "p4/3"
+    assert iso._sparse_head(w64, mode, 2000) == 5 and iso._sparse_head(w64, "l2", 2000) == 0
+    assert iso._project_head(z.numpy(), w64, mode, 5) is not None  # the shortcut is taken
+    (y_head, g_head), (y_full, g_full) = _both_paths(z, w, mode, monkeypatch)
+    assert torch.equal(y_head, y_full) and torch.equal(g_head, g_full)
+    assert torch.allclose(y_full.sum(1), torch.full((64,), 2.5), atol=1e-4)
+    ties = torch.round(z * 4) / 4  # ties across the cut: the shortcut declines, the full path runs
+    assert iso._project_head(ties.numpy(), w64, mode, 5) is None
+    (y_head, g_head), (y_full, g_full) = _both_paths(ties, w, mode, monkeypatch)
+    assert torch.equal(y_head, y_full) and torch.equal(g_head, g_full)
+
+
+def test_float32_path_matches_float64_and_keeps_nan():
+    z = torch.randn(8, 300, generator=torch.Generator().manual_seed(12), dtype=torch.float64) * 3
+    w = torch.arange(300, 0, -1.0, dtype=torch.float64)
+    for mode in ["l2", "p4/3"]:
+        x32 = z.float().requires_grad_()
+        x64 = z.clone().requires_grad_()
+        y32, y64 = permutahedron_projection(x32, w, mode), permutahedron_projection(x64, w, mode)
+        assert y32.dtype == torch.float32 and (y32.double() - y64).abs().max() < 1e-4 * y64.abs().max()
+        y32[:, 7].sum().backward()
+        y64[:, 7].sum().backward()
+        assert (x32.grad.double() - x64.grad).abs().max() < 1e-4
+    bad = z.float().clone()
+    bad[2, 5] = float("nan")
+    assert torch.isnan(permutahedron_projection(bad, w, "l2")[2]).any()
+
+
+@pytest.mark.parametrize("reg", ["l2", "kl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_soft_rank_at_equals_the_gathered_soft_rank(reg, dtype):
+    """The label-only soft rank (O(block) backward) equals the full one gathered, values and gradients."""
+    from losses.soft_rank import soft_rank_at
+
+    theta = torch.randn(16, 200, generator=torch.Generator().manual_seed(13)).to(dtype)
+    theta[0, :20] = theta[0, 0]  # ties
+    index = torch.randint(0, 200, (16,), generator=torch.Generator().manual_seed(14))
+    index[0] = 3
+    weights = torch.randn(16, generator=torch.Generator().manual_seed(15)).to(dtype)
+    a, b = theta.clone().requires_grad_(), theta.clone().requires_grad_()
+    full = soft_rank(a, 0.5, reg).gather(1, index.view(-1, 1)).squeeze(1)
+    at = soft_rank_at(b, index, 0.5, reg)
+    (full * weights).sum().backward()
+    (at * weights).sum().backward()
+    assert torch.equal(full, at)
+    assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=0)  # float32 kl: the last bit of a few entries
+    if dtype == torch.float64:
+        x = theta[:3, :12].clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda v: soft_rank_at(v, index[:3] % 12, 0.5, reg), (x,))

@@ -62,3 +62,17 @@ def test_loss_is_minus_log_of_the_label_mass():
     loss = harness.build_loss("lml", 10)
     expected = -torch.log(lml(s, 5)[torch.arange(4), y] * (1 - 2e-7) + 1e-7).mean()
     assert abs(loss(s, y).item() - expected.item()) < 1e-12
+
+
+def test_fast_and_exact_rows_match_bisection():
+    """Rows spanning ≤ FAST_RANGE take the exp-free Newton steps, wider rows exact exps: both exact."""
+    from losses.lml import FAST_RANGE
+
+    x = torch.randn(4, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    x[1] *= 100
+    x[2] *= FAST_RANGE / 2  # spans more than FAST_RANGE: the exact path
+    x[3, 0] = 2 * FAST_RANGE
+    p = lml(x, 3)
+    for row in range(4):
+        assert np.abs(p[row].numpy() - _bisect(x[row].numpy(), 3)).max() < 1e-9
+    assert torch.allclose(lml(x.float(), 3).double(), p, atol=1e-6)

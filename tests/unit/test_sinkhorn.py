@@ -131,6 +131,30 @@ def test_torch_solver_for_other_devices_matches_the_compiled_one():
         assert torch.allclose(plan_t, plan_c, atol=1e-10)
 
 
+@pytest.mark.parametrize("anchors", [2, 6])
+def test_compiled_plan_and_backward_match_the_torch_formulas(anchors):
+    """The CPU's compiled plan and implicit backward equal the batched torch ones (used off the CPU)."""
+    from losses.difftopk.semidual import plan_backward, plan_of_potentials
+    from losses.difftopk.sinkhorn import _plan_backward_torch
+
+    g = torch.Generator().manual_seed(7)
+    cost = torch.rand(5, 16, anchors, dtype=torch.float64, generator=g) * 4
+    pot = torch.randn(5, anchors, dtype=torch.float64, generator=g)
+    for eps in (0.5, 2.0):  # well-conditioned systems (nearly hard plans: see the soft_topk tests)
+        plan = torch.from_numpy(plan_of_potentials(cost.numpy(), pot.numpy(), eps))
+        ref = torch.softmax((cost.transpose(1, 2) / -eps + pot.unsqueeze(2) / eps), dim=1) / 16
+        assert torch.allclose(plan, ref, rtol=1e-13, atol=1e-300)
+        grad_plan = torch.randn(5, 16, anchors, dtype=torch.float64, generator=g)
+        ours, ok = plan_backward(grad_plan.numpy(), plan.numpy(), eps, 1e12)
+        assert ok.all()
+        want = _plan_backward_torch(plan, grad_plan, eps)
+        assert torch.allclose(torch.from_numpy(ours), want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+    hard = torch.zeros(1, anchors, 16, dtype=torch.float64)  # a hard plan: anchors decoupled, singular
+    hard[0, 0, :] = 1 / 16
+    _, ok = plan_backward(np.ones((1, 16, anchors)), hard.numpy(), 1.0, 1e12)
+    assert not ok[0]
+
+
 # A preselected row (m = 16) of an MLP's logits at its first step: at inverse temperature 56.57
 # (inside difftopk's search range 1e-2..1e2) one anchor's couplings underflow to exactly 0, its Schur
 # system is singular, and the backward used to return NaN (the tuned synthetic suite's first step).
