@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.registry import Log, Param, register_loss
+from losses.berrada_esp import KMAX as ESP_KMAX
+from losses.berrada_esp import EspMargin
 from losses.common import check_k, working_precision
 from losses.reference_difftopk import berrada_smooth_reference
 
@@ -265,14 +267,18 @@ def smooth_topk_svm(
 ) -> torch.Tensor:
     """Per-sample smooth top-k SVM loss L_{k,τ} ([B, n], [B] -> [B]).
 
-    method: "auto" (Newton's identities where well conditioned, else the linear-space tree where
-    nothing can underflow, else the log-space tree), or one of "newton", "linear", "log".
+    method: "auto" (on the CPU for k ≤ 16 the compiled exact kernel, elsewhere Newton's identities
+    where well conditioned; rows either rejects go to the linear-space tree where nothing can
+    underflow, else the log-space tree), or one of "esp" (the kernel; CPU only), "newton",
+    "linear", "log".
     """
-    if method not in ("auto", "newton", "linear", "log"):
-        raise ValueError(f"method={method!r} must be auto, newton, linear or log")
+    if method not in ("auto", "esp", "newton", "linear", "log"):
+        raise ValueError(f"method={method!r} must be auto, esp, newton, linear or log")
     x = working_precision(scores)
     b, n = x.shape
     scale = 1.0 / (k * tau)
+    if method == "esp" and (x.device.type != "cpu" or k > ESP_KMAX):
+        raise ValueError(f"method='esp' needs CPU scores and k <= {ESP_KMAX} (got {x.device.type}, k={k})")
 
     def shifted() -> tuple[torch.Tensor, torch.Tensor]:
         """(xc, margin) with autograd: xc = x − m with the label entry at -1e30 (absent)."""
@@ -290,6 +296,32 @@ def smooth_topk_svm(
         s = log_esp(xc, k)
         return s[:, k] - s[:, k - 1]
 
+    def tree_fix(ok: torch.Tensor, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ratio, margin) [B] in float64 for the rows not ok (0 elsewhere): the linear tree where
+        nothing can underflow, else the log tree, in float64 whatever the scores' dtype (few rows)."""
+        bad = (~ok).nonzero().squeeze(1)
+        xs = x[bad].double() * scale
+        lab = labels[bad][:, None]
+        xm = xs.scatter(1, lab, _NEG)
+        m = xm.detach().amax(1)
+        xc, margin = xm - m[:, None], xs.gather(1, lab).squeeze(1) - m
+        top = xc.detach().topk(k, dim=1).values  # ≤ 0, the first is 0
+        use_lin = -top.sum(1) <= _linear_safe_gap(n - 1, k, torch.float64)
+        ratio = torch.zeros_like(m)
+        if bool(use_lin.any()):
+            ratio = ratio.index_put((use_lin.nonzero().squeeze(1),), lin(xc[use_lin]))
+        if not bool(use_lin.all()):
+            ratio = ratio.index_put(((~use_lin).nonzero().squeeze(1),), lg(xc[~use_lin]))
+        log.debug("berrada_smooth: %d/%d samples off the %s path", len(bad), b, path)
+        full = x.new_zeros(b, dtype=torch.float64)
+        return full.index_put((bad,), ratio), full.index_put((bad,), margin)
+
+    if method == "esp" or (method == "auto" and x.device.type == "cpu" and k <= ESP_KMAX):
+        z, ok = EspMargin.apply(x, labels, k, scale)
+        if not bool(ok.all()):
+            fix, margin = tree_fix(ok, "compiled")
+            z = torch.where(ok, z, (fix - margin).to(z.dtype))
+        return tau * F.softplus(alpha / tau + z)
     if method in ("linear", "log"):
         xc, margin = shifted()
         ratio = lin(xc) if method == "linear" else lg(xc)
@@ -306,18 +338,8 @@ def smooth_topk_svm(
             r2, _, ok2 = _NewtonRatio.apply(x[bad].to(work), labels[bad], k, scale, max_ratio, False, work)
             ratio = ratio.index_put((bad,), r2.to(ratio.dtype))
             ok = ok.index_put((bad,), ok2)
-        if not bool(ok.all()):
-            bad = (~ok).nonzero().squeeze(1)
-            xc = shifted()[0][bad]  # margin stays the fused one: the same value, one gradient path
-            top = xc.detach().topk(k, dim=1).values  # ≤ 0, the first is 0
-            use_lin = -top.sum(1) <= _linear_safe_gap(n - 1, k, x.dtype)
-            fix = torch.zeros_like(ratio)
-            if bool(use_lin.any()):
-                fix = fix.index_put((bad[use_lin],), lin(xc[use_lin]))
-            if not bool(use_lin.all()):
-                fix = fix.index_put((bad[~use_lin],), lg(xc[~use_lin]))
-            ratio = torch.where(ok, ratio, fix)
-            log.debug("berrada_smooth: %d/%d samples off the Newton path", len(bad), b)
+        if not bool(ok.all()):  # margin stays the fused one: the same value, one gradient path
+            ratio = torch.where(ok, ratio, tree_fix(ok, "Newton")[0].to(ratio.dtype))
     return tau * F.softplus(alpha / tau + ratio - margin)
 
 
