@@ -317,11 +317,11 @@ def smooth_topk_svm(
         return full.index_put((bad,), ratio), full.index_put((bad,), margin)
 
     if method == "esp" or (method == "auto" and x.device.type == "cpu" and k <= ESP_KMAX):
-        z, ok = EspMargin.apply(x, labels, k, scale)
+        z, ok = EspMargin.apply(x, labels, k, scale)  # float64
         if not bool(ok.all()):
             fix, margin = tree_fix(ok, "compiled")
-            z = torch.where(ok, z, (fix - margin).to(z.dtype))
-        return tau * F.softplus(alpha / tau + z)
+            z = torch.where(ok, z, fix - margin)
+        return (tau * F.softplus(alpha / tau + z)).to(x.dtype)
     if method in ("linear", "log"):
         xc, margin = shifted()
         ratio = lin(xc) if method == "linear" else lg(xc)

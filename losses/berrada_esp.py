@@ -4,37 +4,38 @@ Per sample, e_i = exp(a_i) with a_i = (s_i − max_{j≠y} s_j)/(kτ) ≤ 0 over
 label has a_y = −∞, e_y = 0). We need r = log σ_k(e) − log σ_{k−1}(e) and
 ∂r/∂a_i = e_i·σ_{k−1}(e∖i)/σ_k − e_i·σ_{k−2}(e∖i)/σ_{k−1}.
 
-Forward. One pass over the row keeps the M = min(2k, n−1) largest e in a sorted buffer T and feeds
-every other element (R) to the recurrence σ_j ← σ_j + e_i·σ_{j−1} (j = k..1), in float64. It adds
-positive terms only: each σ_j has relative error ≤ (n + k)·u (u = 2⁻⁵³). σ = σ_R ⊗ Π_T(1 + e_t·z).
+Forward, per row (float64 arithmetic throughout):
+1. A threshold t with at least M = min(2k, n−1) elements e ≥ t: the M-th largest of the maxima of
+   the 64 residue classes i mod 64 (one vectorised pass), or 0 when there are fewer classes.
+2. The elements e ≥ t form the buffer T (typically M + a few); every other element (R) goes
+   through the recurrence σ_j ← σ_j + e_i·σ_{j−1} (j = k..1) in 4 interleaved accumulator sets
+   whose polynomials are multiplied at the end. Positive terms only: each σ_j has relative error
+   ≤ (n + k)·u (u = 2⁻⁵³). Then σ = σ_R ⊗ Π_T(1 + e_t·z), with prefix and suffix products.
 
 Backward (no cancellation worth the name):
 * i ∈ R: σ_j(e∖i) = σ_j − e_i·σ_{j−1}(e∖i), j = 1..k−1. Every (j−1)-subset S of e∖i misses at
-  least M − j + 1 elements of T, each with e_t ≥ e_i (an element joins R only when M buffered
-  elements are ≥ it, and buffered values only grow), so e_i·σ_{j−1}(e∖i) ≤ j/(M − j + 1)·σ_j(e∖i)
-  ≤ (k−1)/(k+2)·σ_j(e∖i) for j ≤ k−1: the subtraction loses at most a factor 2, and the error of
-  the previous step shrinks; rel.err ≤ 2k·u on top of the forward error.
-* t ∈ T: σ(e∖t) = σ_R ⊗ Π_{T∖t}(1 + e·z) from prefix and suffix products (all positive), O(Mk).
+  least M − j + 1 elements of T, each with e_t ≥ t > e_i, so e_i·σ_{j−1}(e∖i) ≤ j/(M − j + 1)·σ_j(e∖i)
+  ≤ (k−1)/(k+2)·σ_j(e∖i) for j ≤ k−1: the subtraction loses at most a factor 2 and the error
+  carried from the previous step shrinks; the relative error stays ≤ 2k·u on top of the forward one.
+* t ∈ T: σ(e∖t) = (prefix before t) ⊗ (suffix after t), all positive, O(|T|·k).
 
-Truncation (exact to working precision; it is what keeps large logit scales cheap). Let P_j be
-the product of the j largest e and v = e_(k). An element with e_i < θ·v, θ = ε/(n·max_{j≤k}
-C(n−1, j−1)), ε = 2⁻⁶⁰, is left out of σ: the left-out terms of σ_j are at most n·C(n−1, j−1)
-products each ≤ θ·v·P_{j−1}, while σ_j ≥ P_j ≥ v·P_{j−1}; so σ_j (j ≤ k) and every σ_j(e∖t)
-(j ≤ k−1) change by a relative ≤ ε. The pass uses the running k-th largest (≤ v): it keeps more,
-never less. A left-out element's true ∂r/∂a_i is ≤ 2ε/n; it gets e_i·(σ_{k−1}/σ_k − σ_{k−2}/σ_{k−1}).
+Truncation (exact to working precision; it makes large logit scales cheap). Let P_j be the
+product of the j largest e and v = e_(k) ≥ t. An element with e_i < θ·t ≤ θ·v,
+θ = ε/(n·max_{j≤k} C(n−1, j−1)), ε = 2⁻⁶⁰, is left out of σ: the left-out terms of σ_j are at most
+n·C(n−1, j−1) products each ≤ θ·v·P_{j−1}, while σ_j ≥ P_j ≥ v·P_{j−1}; so σ_j (j ≤ k) and every
+σ_j(e∖t) (j ≤ k−1) change by a relative ≤ ε. A left-out element's ∂r/∂a_i is ≤ 2ε/n in absolute
+value; it gets the formula's value computed with the truncated σ (0 where e_i is below the flush level).
 
-Precision of e. torch computes e = exp(a) vectorised in the scores' dtype and flushes values
-below the dtype's smallest normal number to 0; the kernel recomputes exp in float64 from the
-scores for the buffered elements and for kept elements that were flushed (only when θ·v is below
-that number). A row whose k largest e have a product below e^−GUARD (σ_k near float64 underflow,
-e.g. scores ~ 1e4), or with fewer than M nonzero e, is flagged (ok = False) for the caller's
-log-space path.
+Status per row: 0 done; 1 (float32 e only) θ·v is below 16× the smallest normal float32, so
+elements that count may have been rounded to subnormals or 0 — the caller recomputes the row with
+float64 e; 2 the k largest e have a product below e^−GUARD (σ_k near float64 underflow, e.g.
+scores ~ 1e4 at τ = 1): the caller computes it in log space.
 
 Speed. numba has no SIMD types and does not unroll loops over a runtime k; with k unrolled into
-scalars (4 interleaved accumulator sets) the recurrence runs ~3× faster than with arrays, so the
-two hot loops are generated per k (k ≤ KMAX) and cached on disk like the other numba kernels
-(under $XDG_CACHE_HOME/topk-bench/esp_kernels; the file is checked against the generated text
-before it is imported). Larger k go to the caller's other paths.
+scalars the recurrence runs ~3× faster than with arrays, so the kernel is generated per k
+(k ≤ KMAX) and cached on disk like the other numba kernels (under $XDG_CACHE_HOME/topk-bench/
+esp_kernels; the file is compared with the generated text before it is imported). Larger k go to
+the caller's other paths. The exponentials come from NumPy (SIMD), not from the kernel.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ import numpy as np
 import torch
 
 EPS_TRUNC = 2.0**-60  # relative change of σ_j allowed by truncation (below float64 rounding)
-KMAX = 16  # largest k with a generated kernel
+KMAX = 16  # largest k with a generated kernel (M = 2k must not exceed RESIDUES)
 LANES = 4  # interleaved accumulator sets in the recurrence
+RESIDUES = 64  # residue classes for the threshold pass (a multiple of the SIMD width)
+OK, FLOAT64, LOG_SPACE = 0, 1, 2  # row status
 _KERNELS: dict[int, object] = {}
 
 
@@ -69,27 +72,55 @@ def esp_constants(n_other: int, k: int) -> tuple[int, float, float]:
 
 
 # ----------------------------------------------------------------------------- generic helpers (numba)
-def _insert(bval, bidx, cnt, m_top, x, i):  # pragma: no cover - compiled
-    """Insert x (index i) into the descending buffer; returns (count, evicted value or −1)."""
-    evicted = -1.0
+def _push(vals, cnt, m_top, x):  # pragma: no cover - compiled
+    """Keep the m_top largest values seen in vals[:cnt] (descending); returns the new count."""
     if cnt == m_top:
-        evicted = bval[m_top - 1]
+        if not x > vals[m_top - 1]:
+            return cnt
         p = m_top - 1
     else:
         p = cnt
         cnt += 1
-    while p > 0 and bval[p - 1] < x:
-        bval[p] = bval[p - 1]
-        bidx[p] = bidx[p - 1]
+    while p > 0 and vals[p - 1] < x:
+        vals[p] = vals[p - 1]
         p -= 1
-    bval[p] = x
-    bidx[p] = i
-    return cnt, evicted
+    vals[p] = x
+    return cnt
 
 
-def _exact_e(sr, mb, scale, i):  # pragma: no cover - compiled
-    """exp(a_i) in float64 from the (masked) scores."""
-    return math.exp((np.float64(sr[i]) - mb) * scale)
+def _thresholds(e, m_top, out):  # pragma: no cover - compiled
+    """Per row: the m_top-th largest of the residue-class maxima (and of the tail elements), or 0
+    if there are fewer. The class maxima are a vectorised pass (mx is local: no aliasing)."""
+    batch, n = e.shape
+    ng = n - n % RESIDUES
+    mx = np.empty(RESIDUES, dtype=e.dtype)
+    cbuf = np.empty(m_top)
+    for b in range(batch):
+        er = e[b]
+        cnt = 0
+        if ng > 0:
+            mx[:] = er[:RESIDUES]
+            for g in range(RESIDUES, ng, RESIDUES):
+                blk = er[g:g + RESIDUES]
+                for q in range(RESIDUES):
+                    x = blk[q]
+                    mx[q] = x if x > mx[q] else mx[q]
+            for q in range(RESIDUES):
+                cnt = _push(cbuf, cnt, m_top, np.float64(mx[q]))
+        for i in range(ng, n):
+            cnt = _push(cbuf, cnt, m_top, np.float64(er[i]))
+        out[b] = cbuf[m_top - 1] if cnt == m_top else 0.0
+
+
+def _kth_and_product(bval, nb, k, kbuf):  # pragma: no cover - compiled
+    """(k-th largest of bval[:nb], product of the k largest)."""
+    cnt = 0
+    for q in range(nb):
+        cnt = _push(kbuf, cnt, k, bval[q])
+    prod = 1.0
+    for q in range(k):
+        prod *= kbuf[q]
+    return kbuf[k - 1], prod
 
 
 def _combine(lanes, sig_r, k):  # pragma: no cover - compiled
@@ -105,29 +136,32 @@ def _combine(lanes, sig_r, k):  # pragma: no cover - compiled
             sig_r[j] = acc
 
 
-def _with_buffer(sig_r, bval, cnt, pre, suf, sig, k):  # pragma: no cover - compiled
-    """Prefix pre[q] = σ_R ⊗ Π_{t<q}, suffix suf[q] = Π_{t≥q} over the buffer; sig = pre[cnt]."""
+def _with_buffer(sig_r, bval, nb, pre, suf, sig, k, suffix):  # pragma: no cover - compiled
+    """Prefix pre[q] = σ_R ⊗ Π_{t<q} over the buffer, sig = pre[nb]; if suffix, suf[q] = Π_{t≥q}."""
     for j in range(k + 1):
         pre[0, j] = sig_r[j]
-        suf[cnt, j] = 0.0
-    suf[cnt, 0] = 1.0
-    for q in range(cnt):
+    for q in range(nb):
         et = bval[q]
         pre[q + 1, 0] = pre[q, 0]
         for j in range(1, k + 1):
             pre[q + 1, j] = pre[q, j] + et * pre[q, j - 1]
-    for q in range(cnt - 1, -1, -1):
+    for j in range(k + 1):
+        sig[j] = pre[nb, j]
+    if not suffix:
+        return
+    for j in range(k + 1):
+        suf[nb, j] = 0.0
+    suf[nb, 0] = 1.0
+    for q in range(nb - 1, -1, -1):
         et = bval[q]
         suf[q, 0] = suf[q + 1, 0]
         for j in range(1, k + 1):
             suf[q, j] = suf[q + 1, j] + et * suf[q + 1, j - 1]
-    for j in range(k + 1):
-        sig[j] = pre[cnt, j]
 
 
-def _grad_buffer(gb, bval, bidx, cnt, pre, suf, k, inv_k, inv_km1):  # pragma: no cover - compiled
+def _grad_buffer(gb, bval, bidx, nb, pre, suf, k, inv_k, inv_km1):  # pragma: no cover - compiled
     """∂r/∂a_t for the buffered elements from σ(e∖t) = pre[t] ⊗ suf[t+1]."""
-    for q in range(cnt):
+    for q in range(nb):
         d1 = 0.0
         d2 = 0.0
         for j in range(k):
@@ -137,105 +171,68 @@ def _grad_buffer(gb, bval, bidx, cnt, pre, suf, k, inv_k, inv_km1):  # pragma: n
         gb[bidx[q]] = bval[q] * (d1 * inv_k - d2 * inv_km1)
 
 
-def _grad_flushed(gb, er, sr, mb, scale, sig, k, cut, inv_k, inv_km1):  # pragma: no cover - compiled
-    """∂r/∂a_i for kept elements whose stored e was flushed to 0 (e recomputed in float64)."""
-    for i in range(er.shape[0]):
-        if er[i] != 0.0:
-            continue
-        x = math.exp((np.float64(sr[i]) - mb) * scale)
-        if x < cut or x == 0.0:
-            continue
-        t_prev = 0.0
-        t = 1.0
-        for j in range(1, k):
-            t_prev, t = t, sig[j] - x * t
-        gb[i] = x * (t * inv_k - t_prev * inv_km1)
-
-
-_HELPERS = (_insert, _exact_e, _combine, _with_buffer, _grad_buffer, _grad_flushed)
+_HELPERS = (_push, _thresholds, _kth_and_product, _combine, _with_buffer, _grad_buffer)
 
 
 # ----------------------------------------------------------------------------- the generated kernel
-_TEMPLATE = '''\
-"""Generated by losses/berrada_esp.py for k = {k} (do not edit; regenerated when it differs)."""
-import math
-
+_TEMPLATE = """\
+\"\"\"Generated by losses/berrada_esp.py for k = {k} (do not edit; rewritten whenever it differs).\"\"\"
 import numpy as np
 from numba import njit
 
 from losses.berrada_esp import _compiled_helpers
 
-_insert, _exact_e, _combine, _with_buffer, _grad_buffer, _grad_flushed = _compiled_helpers()
+_thresholds, _kth_and_product, _combine, _with_buffer, _grad_buffer = _compiled_helpers()[1:]
 
 
 @njit(cache=True, fastmath={{"contract"}})
-def kernel(e, s, m, scale, m_top, theta, guard, tiny, want_grad, ratio, ok, grad):
+def kernel(e, m_top, theta, floor, flush, want_grad, ratio, status, grad):
     batch, n = e.shape
     k = {k}
-    bval = np.empty(m_top)
-    bidx = np.empty(m_top, dtype=np.int64)
+    bval = np.empty(n)
+    bidx = np.empty(n, dtype=np.int64)
+    kbuf = np.empty(k)
+    tvals = np.empty(batch)
+    _thresholds(e, m_top, tvals)
     lanes = np.zeros(({lanes}, k + 1))
     sig_r = np.empty(k + 1)
     sig = np.empty(k + 1)
-    pre = np.empty((m_top + 1, k + 1))
-    suf = np.empty((m_top + 1, k + 1))
+    pre = np.empty((n + 1, k + 1))
+    suf = np.empty((n + 1, k + 1))
     ng = n - n % {lanes}
     for b in range(batch):
         er = e[b]
-        sr = s[b]
-        mb = m[b]
-        cnt = 0
-        thr = 0.0
-        cut = 0.0
-        zflag = True
+        t = tvals[b]
+        cut = theta * t
+        nb = 0
 {init}
-        i = 0
-        while i < n:
-            if i < ng:
-{fastcond}
-            else:
-                slow = True
-            if not slow:
-{fast}
-                i += {lanes}
+        for i0 in range(0, ng, {lanes}):
+{loads}
+            if {cond}:
+                for i in range(i0, i0 + {lanes}):
+{slow}
                 continue
-            stop = i + {lanes} if i < ng else n
-            while i < stop:
-                x = np.float64(er[i])
-                if x == 0.0 and zflag:
-                    x = _exact_e(sr, mb, scale, i)
-                f = 0.0
-                if x > thr:
-                    cnt, f = _insert(bval, bidx, cnt, m_top, x, i)
-                    if f < 0.0:
-                        f = 0.0
-                    if cnt == m_top:
-                        thr = bval[m_top - 1]
-                    if cnt >= k:
-                        cut = theta * bval[k - 1]
-                        zflag = cut < tiny
-                elif x >= cut:
-                    f = x
-{slowupd}
-                i += 1
+{fast}
+        for i in range(ng, n):
+{slow_tail}
 {store}
-        head = 0.0
-        if cnt == m_top:
-            for q in range(cnt):
-                bval[q] = _exact_e(sr, mb, scale, bidx[q])
-            for q in range(k):
-                head += math.log(bval[q]) if bval[q] > 0.0 else -np.inf
-        if cnt < m_top or not head >= -guard:
-            ok[b] = False
-            ratio[b] = 0.0
+        for q in range(nb):
+            bval[q] = er[bidx[q]]
+        ratio[b] = 0.0
+        status[b] = 0
+        if not (theta * t >= flush and t ** k >= floor):  # cheap sufficient test (t <= e_(k)) failed
+            v, prod = _kth_and_product(bval, nb, k, kbuf)
+            if not theta * v >= flush:
+                status[b] = 1
+            elif not prod >= floor:
+                status[b] = 2
+        if status[b] != 0:
             if want_grad:
-                for q in range(n):
-                    grad[b, q] = 0.0
+                grad[b, :] = 0.0
             continue
-        ok[b] = True
         _combine(lanes, sig_r, k)
-        _with_buffer(sig_r, bval, cnt, pre, suf, sig, k)
-        ratio[b] = math.log(sig[k]) - math.log(sig[k - 1])
+        _with_buffer(sig_r, bval, nb, pre, suf, sig, k, want_grad)
+        ratio[b] = np.log(sig[k] / sig[k - 1])
         if not want_grad:
             continue
         inv_k = 1.0 / sig[k]
@@ -244,51 +241,64 @@ def kernel(e, s, m, scale, m_top, theta, guard, tiny, want_grad, ratio, ok, grad
         gb = grad[b]
         for q in range(n):
             fv = np.float64(er[q])
+            fv = fv if fv >= flush else 0.0
             t0 = 1.0
 {gbody}
-        if zflag:
-            _grad_flushed(gb, er, sr, mb, scale, sig, k, cut, inv_k, inv_km1)
-        _grad_buffer(gb, bval, bidx, cnt, pre, suf, k, inv_k, inv_km1)
-'''
+        _grad_buffer(gb, bval, bidx, nb, pre, suf, k, inv_k, inv_km1)
+"""
+
+_SLOW = """\
+x = np.float64(er[i])
+if x >= t:
+    bidx[nb] = i
+    nb += 1
+    continue
+f = x if x >= cut else 0.0"""
 
 
 def _source(k: int) -> str:
-    """The kernel's source for this k: hot loops unrolled over the coefficients and LANES lanes."""
-    ind = " " * 16
+    """The kernel's source for this k: the hot loops unrolled over the coefficients and LANES lanes."""
     lanes = range(LANES)
-    init = "\n".join(" " * 8 + "; ".join(f"s{j}_{ln} = 0.0" for j in range(1, k + 1)) for ln in lanes)
 
-    def update(ln: int, f: str, pad: str) -> list[str]:
-        return [pad + (f"s{j}_{ln} += {f} * s{j - 1}_{ln}" if j > 1 else f"s{j}_{ln} += {f}") for j in range(k, 0, -1)]
+    def pad(lines: list[str], n: int) -> str:
+        return "\n".join(" " * n + line for line in lines)
 
-    loads = [f"{ind}x{ln} = np.float64(er[i + {ln}])" for ln in lanes]
-    cond = " | ".join(f"(x{ln} > thr) | ((x{ln} == 0.0) & zflag)" for ln in lanes)
-    fastcond = "\n".join(loads + [f"{ind}slow = {cond}"])
-    fast = [f"{ind}f{ln} = x{ln} if x{ln} >= cut else 0.0" for ln in lanes]
+    def update(ln: int, f: str) -> list[str]:
+        return [f"s{j}_{ln} += {f} * s{j - 1}_{ln}" if j > 1 else f"s{j}_{ln} += {f}" for j in range(k, 0, -1)]
+
+    slow = _SLOW.splitlines() + update(0, "f")
+    fast = [f"f{ln} = x{ln} if x{ln} >= cut else 0.0" for ln in lanes]
     for ln in lanes:
-        fast += update(ln, f"f{ln}", ind)
-    store = []
-    for ln in lanes:
-        store += [f"        lanes[{ln}, {j}] = s{j}_{ln}" for j in range(1, k + 1)]
-    gconst = "\n".join(f"        c{j} = sig[{j}]" for j in range(1, k))
-    gbody = [f"{ind[4:]}t{j} = c{j} - fv * t{j - 1}" for j in range(1, k)]
+        fast += update(ln, f"f{ln}")
+    gbody = [f"t{j} = c{j} - fv * t{j - 1}" for j in range(1, k)]
     second = f"t{k - 2} * inv_km1" if k >= 2 else "0.0"
-    gbody.append(f"{ind[4:]}gb[q] = fv * (t{k - 1} * inv_k - {second})")
-    return _TEMPLATE.format(k=k, lanes=LANES, init=init, fastcond=fastcond, fast="\n".join(fast),
-                            slowupd="\n".join(update(0, "f", ind)), store="\n".join(store),
-                            gconst=gconst or "        pass", gbody="\n".join(gbody))
+    gbody.append(f"gb[q] = fv * (t{k - 1} * inv_k - {second})")
+    return _TEMPLATE.format(
+        k=k, lanes=LANES,
+        init=pad(["; ".join(f"s{j}_{ln} = 0.0" for j in range(1, k + 1)) for ln in lanes], 8),
+        loads=pad([f"x{ln} = np.float64(er[i0 + {ln}])" for ln in lanes], 12),
+        cond=" | ".join(f"(x{ln} >= t)" for ln in lanes),
+        slow=pad(slow, 20), fast=pad(fast, 12), slow_tail=pad(slow, 12),
+        store=pad([f"lanes[{ln}, {j}] = s{j}_{ln}" for ln in lanes for j in range(1, k + 1)], 8),
+        gconst=pad([f"c{j} = sig[{j}]" for j in range(1, k)] or ["pass"], 8), gbody=pad(gbody, 12))
 
 
 _COMPILED_HELPERS: tuple | None = None
 
 
 def _compiled_helpers() -> tuple:
-    """The generic helpers, compiled once (numba, cached on disk); imported lazily."""
+    """The generic helpers, compiled once (numba, cached on disk); imported lazily. Each compiled
+    helper replaces its Python original in this module, so that later helpers call the compiled one."""
     global _COMPILED_HELPERS
     if _COMPILED_HELPERS is None:
         import numba
 
-        _COMPILED_HELPERS = tuple(numba.njit(cache=True)(fn) for fn in _HELPERS)
+        compiled = []
+        for fn in _HELPERS:
+            jitted = numba.njit(cache=True, fastmath={"contract"})(fn)
+            globals()[fn.__name__] = jitted
+            compiled.append(jitted)
+        _COMPILED_HELPERS = tuple(compiled)
     return _COMPILED_HELPERS
 
 
@@ -305,8 +315,10 @@ def _cache_dir() -> Path:
 
 
 def _kernel(k: int):
-    """The compiled kernel for this k: generated source written (if it differs) and imported."""
+    """The compiled kernel for this k: its generated source written (where it differs) and imported."""
     if k not in _KERNELS:
+        if not 1 <= k <= KMAX:
+            raise ValueError(f"the compiled kernel needs 1 <= k <= {KMAX}, got k={k}")
         text = _source(k)
         digest = hashlib.sha256(text.encode()).hexdigest()[:12]
         path = _cache_dir() / f"esp_k{k}_{digest}.py"
@@ -323,30 +335,44 @@ def _kernel(k: int):
     return _KERNELS[k]
 
 
-def esp_ratio(e: torch.Tensor, s: torch.Tensor, m: torch.Tensor, scale: float, k: int, want_grad: bool
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """r [B] (float64), ok [B], ∂r/∂a [B, n] (e's dtype, or None) for contiguous CPU tensors.
+def flush_level(dtype: torch.dtype) -> float:
+    """Stored e below this (16× the dtype's smallest normal number) are not trusted by the kernel."""
+    return 16.0 * float(torch.finfo(dtype).tiny)
 
-    e = exp((s − m)·scale) with values below the smallest normal number flushed to 0, s the scores
-    with −∞ at the label, m [B] (float64) the row maxima of s. Rows with ok False: r = 0, zero gradient.
-    """
+
+def exp_shifted(s: torch.Tensor, m: torch.Tensor, labels: torch.Tensor, scale: float,
+                dtype: torch.dtype) -> torch.Tensor:
+    """exp((s − m)·scale) in dtype for CPU tensors, 0 at the labels. The argument is clamped to
+    log(smallest normal) + 2 first, below the flush level (NumPy's exp takes a slow path near
+    underflow; e below the flush level are not trusted anyway).
+    The exp is NumPy's (SIMD, within a few ulp), in place: torch's float32 exp runs at half its
+    speed on the CPUs we measured."""
+    e = torch.sub(s.to(dtype), m.to(dtype)).mul_(scale).clamp_min_(math.log(torch.finfo(dtype).tiny) + 2.0)
+    buf = e.numpy()
+    np.exp(buf, out=buf)
+    return e.scatter_(1, labels[:, None], 0.0)
+
+
+def esp_ratio(e: torch.Tensor, k: int, want_grad: bool) -> tuple[np.ndarray, np.ndarray, torch.Tensor | None]:
+    """(r [B] float64, status [B] int8, ∂r/∂a [B, n] in e's dtype or None) for e [B, n] on the CPU
+    (contiguous; e = exp(a) with max_{j≠y} a_j = 0 and e_y = 0). Rows with status ≠ 0: r = 0, zero gradient."""
     b, n = e.shape
     m_top, theta, guard = esp_constants(n - 1, k)
-    tiny = float(torch.finfo(e.dtype).tiny)
     ratio = np.empty(b)
-    ok = np.empty(b, dtype=np.bool_)
+    status = np.empty(b, dtype=np.int8)
     grad = torch.empty_like(e) if want_grad else torch.empty(1, 1, dtype=e.dtype)
-    _kernel(k)(e.numpy(), s.numpy(), m.numpy(), scale, m_top, theta, guard, tiny, want_grad, ratio, ok,
+    _kernel(k)(e.numpy(), m_top, theta, math.exp(-guard), flush_level(e.dtype), want_grad, ratio, status,
                grad.numpy())
-    return torch.from_numpy(ratio), torch.from_numpy(ok), (grad if want_grad else None)
+    return ratio, status, (grad if want_grad else None)
 
 
 class EspMargin(torch.autograd.Function):
     """scores [B, n] (CPU), labels [B] -> (z [B], ok [B]), z = log σ_k(e) − log σ_{k−1}(e) − a_y.
 
     a = (s − max_{j≠y} s_j)·scale and e = exp(a) over j ≠ y (the loss is invariant to the shift).
-    z is computed in float64 and returned in the scores' dtype; rows with ok False have z = 0 and
-    no gradient (the caller computes them in log space).
+    e is float32 for float32 scores, and float64 for the rows that need it (status 1) and for
+    float64 scores; z is computed and returned in float64. Rows with ok False
+    (status 2) have z = 0 and no gradient: the caller computes them in log space.
     """
 
     @staticmethod
@@ -354,13 +380,21 @@ class EspMargin(torch.autograd.Function):
         lab = labels[:, None]
         masked = scores.detach().scatter(1, lab, float("-inf"))
         m = masked.amax(1, keepdim=True)
-        e = torch.sub(masked, m).mul_(scale).exp_()
-        torch.nn.functional.threshold_(e, float(torch.finfo(e.dtype).tiny), 0.0)
-        m64 = m.squeeze(1).double()
         want = bool(ctx.needs_input_grad[0])
-        ratio, ok, grad = esp_ratio(e, masked, m64, scale, k, want)
+        ratio, status, grad = esp_ratio(exp_shifted(masked, m, labels, scale, scores.dtype), k, want)
+        redo = np.flatnonzero(status == FLOAT64)
+        if scores.dtype == torch.float64:
+            status[redo] = LOG_SPACE
+        elif len(redo):
+            rows = torch.from_numpy(redo)
+            r64, s64, g64 = esp_ratio(exp_shifted(masked[rows], m[rows], labels[rows], scale, torch.float64), k, want)
+            ratio[redo], status[redo] = r64, np.where(s64 == OK, OK, LOG_SPACE)
+            if want:
+                grad[rows] = g64.to(grad.dtype)
+        ok = torch.from_numpy(status == OK)
+        m64 = m.squeeze(1).double()
         a_y = (scores.detach().gather(1, lab).squeeze(1).double() - m64) * scale
-        z = torch.where(ok, ratio - a_y, torch.zeros_like(ratio)).to(scores.dtype)
+        z = torch.where(ok, torch.from_numpy(ratio) - a_y, 0.0)
         ctx.save_for_backward(grad, labels, ok)
         ctx.scale = scale
         ctx.mark_non_differentiable(ok)
@@ -369,7 +403,7 @@ class EspMargin(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_z, _grad_ok):  # type: ignore[override]
         grad, labels, ok = ctx.saved_tensors
-        coef = torch.where(ok, grad_z * ctx.scale, torch.zeros_like(grad_z)).to(grad.dtype)
+        coef = torch.where(ok, grad_z * ctx.scale, 0.0).to(grad.dtype)
         out = grad * coef[:, None]
         out.scatter_(1, labels[:, None], -coef[:, None])
         return out, None, None, None
