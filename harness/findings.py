@@ -130,6 +130,32 @@ def _metric_line(board: Board, col: Column, base: str | None, comps: dict, setti
     return line, better, worse
 
 
+def _gap_line(board: Board, cols: list[Column], base: str | None) -> str | None:
+    """How far the baseline is from the board's reference (Bayes optimum / oracle bound) at each top-k,
+    and which share of that gap the best row closes (negative: no row reaches the baseline)."""
+    ref = board.reference
+    if not ref or base is None or base not in board.values or not ref.get("curve"):
+        return None
+    parts = []
+    for col in cols:
+        if not col.key.startswith("top") or not col.key[3:].isdigit() or int(col.key[3:]) > len(ref["curve"]):
+            continue
+        optimum = ref["curve"][int(col.key[3:]) - 1] * col.scale
+        means = {label: v[col.key].mean() for label, v in board.values.items() if col.key in v}
+        gap = optimum - means[base]
+        best = max(means, key=means.get)
+        if gap <= 0:
+            parts.append(f"{col.title.split(' ')[0]}: `{base}` is at the reference")
+            continue
+        closed = 100 * (means[best] - means[base]) / gap
+        who = f"best `{best}` closes {closed:.0f} % of it" if best != base else "no row beats it"
+        parts.append(f"{col.title.split(' ')[0]} {gap:.{col.digits}f} points, {who}")
+    if not parts:
+        return None
+    return (f"- **gap to the {ref.get('label', 'reference')}** (reference − `{base}`, mean over seeds; share of "
+            "it the best row closes): " + "; ".join(parts))
+
+
 def board_findings(board: Board, settings: Settings | None = None) -> list[str]:
     """Markdown bullets for one leaderboard."""
     settings = settings or Settings()
@@ -150,6 +176,9 @@ def board_findings(board: Board, settings: Settings | None = None) -> list[str]:
         if trade:
             lines.append(f"- **trade-off**: better than `{base}` at some k > 1 but worse at top-1: "
                          + ", ".join(f"`{label}`" for label in trade))
+    gap = _gap_line(board, cols, base)
+    if gap:
+        lines.append(gap)
     seeds = {len(v) for vals in board.values.values() for v in vals.values()}
     tests = sorted({c.test for c in comps.values() if c.claim_allowed})
     lines.append(

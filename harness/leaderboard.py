@@ -195,6 +195,7 @@ def build(runs: list[RunSpec], records: dict[str, dict], eval_cfg: dict,
             ref = reference_fallback(specs_here[0].dataset)
         if ref is not None:  # after the tidy table: the reference is no loss
             ref_row, added = _reference_rows(ref, cols, table)
+            ref_row.update({c: "—" for c in table.columns if c not in ref_row and not c.startswith("_")})
             table = pd.concat([table, pd.DataFrame([ref_row])], ignore_index=True)
         boards.append(Board(ds, model, table.drop(columns=hidden).reset_index(drop=True), notes, tidy_table,
                             curves, values, cols, ref, seeds))

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from harness import lossbench_scaling as scaling
 from harness.errors import BenchError, RegistryError
 from harness.measure import cap_address_space, forward_backward, status_kb, synchronize, time_interleaved
 from harness.registry import LOSSES, ReferenceImpl
@@ -112,6 +113,9 @@ class BenchFile(BaseModel):
     warmup: int = Field(3, ge=0)
     reference: bool = True
     torch_sparse_shim: bool = False
+    # a config whose parameters do not fit a class count (top-m with m ≥ n): a row `n/a: reason` there
+    # instead of refusing the bench (a scaling bench from n = 10); it must fit at least one count
+    skip_unfit: bool = False
     losses: list[str | dict[str, Any]] = Field(min_length=1)
 
 
@@ -148,14 +152,16 @@ def load_bench_file(path: str | Path) -> tuple[BenchFile, list[Config]]:
     return bench, configs
 
 
-def validate_configs(configs: list[Config], classes: list[int]) -> list[Config]:
+def validate_configs(configs: list[Config], classes: list[int], skip_unfit: bool = False) -> dict[tuple[str, int], str]:
     """Check every config against the registry and each class count; BenchError (one line) otherwise.
 
-    Returns the configs with their parameters validated (defaults are left to the loss)."""
+    With ``skip_unfit``, a config that does not fit some class counts (but fits one) is allowed: the
+    returned {(config text, n): "n/a: reason"} marks those rows."""
     import harness
 
     if not classes or min(classes) < 2:
         raise BenchError(f"bench-loss: classes must be at least 2, got {classes}")
+    unfit: dict[tuple[str, int], str] = {}
     for name, params in configs:
         where = f"bench-loss --loss {format_config(name, params)!r}"
         try:
@@ -163,16 +169,22 @@ def validate_configs(configs: list[Config], classes: list[int]) -> list[Config]:
             if entry.unavailable_reason:
                 raise BenchError(f"{where}: loss '{name}' is unavailable: {entry.unavailable_reason}")
             entry.validate_params(params, where=f"{where}: params")
+            misfits = {}
             for n in classes:
                 try:
                     harness.build_loss(name, n, **params)
                 except (ValueError, TypeError) as exc:
                     if isinstance(exc, RegistryError):
                         raise
-                    raise BenchError(f"{where} with {n} classes: {exc}") from None
+                    if not skip_unfit:
+                        raise BenchError(f"{where} with {n} classes: {exc}") from None
+                    misfits[(format_config(name, params), n)] = f"n/a: {exc}"
+            if len(misfits) == len(classes):
+                raise BenchError(f"{where}: fits none of the class counts {classes}: {next(iter(misfits.values()))}")
+            unfit.update(misfits)
         except RegistryError as exc:
             raise BenchError(str(exc)) from None
-    return configs
+    return unfit
 
 
 # ----------------------------------------------------------------------------- one pass
@@ -277,14 +289,15 @@ def _memory_pass(row: dict[str, Any], fn: Callable, inputs: tuple, job: dict[str
 
 
 # ----------------------------------------------------------------------------- the table
-def _jobs(configs: list[Config], n: int, reference: bool,
-          options: dict[str, Any]) -> list[tuple[str, str, str, Any, str | None]]:
+def _jobs(configs: list[Config], n: int, reference: bool, options: dict[str, Any],
+          unfit: dict[tuple[str, int], str] | None = None) -> list[tuple[str, str, str, Any, str | None]]:
     """(row label, config text, kind, params, fixed status) for one class count, CE first."""
     jobs: list[tuple[str, str, str, Any, str | None]] = [(CE, CE, "ce", {}, None)]
     for name, params in configs:
         cfg = format_config(name, params)
-        jobs.append((name, cfg, "ours", params, None))
-        if not reference:
+        misfit = (unfit or {}).get((cfg, n))
+        jobs.append((name, cfg, "ours", params, misfit))
+        if not reference or misfit:
             continue
         try:
             impls = reference_impls(name, params, n, options)
@@ -296,7 +309,8 @@ def _jobs(configs: list[Config], n: int, reference: bool,
 
 def bench_losses(configs: list[Config], classes: list[int], batch_size: int, device: str, threads: int | None,
                  repeats: int, warmup: int, reference: bool = True, memory: bool = True,
-                 torch_sparse_shim: bool = False, scales: list[float] | None = None) -> pd.DataFrame:
+                 torch_sparse_shim: bool = False, scales: list[float] | None = None,
+                 unfit: dict[tuple[str, int], str] | None = None) -> pd.DataFrame:
     """Time forward+backward of each config (and CE, and the reference's equivalents) per class count
     and logit scale (scores ~ N(0, scale²); ratios to CE measured at the same scale)."""
     dev = torch.device(device)
@@ -306,7 +320,7 @@ def bench_losses(configs: list[Config], classes: list[int], batch_size: int, dev
     rows: list[dict[str, Any]] = []
     for n, scale in [(n, scale) for n in classes for scale in (scales or [1.0])]:
         timed: list[tuple[dict[str, Any], Callable, tuple, dict[str, Any]]] = []
-        for label, cfg, kind, params, fixed in _jobs(configs, n, reference, options):
+        for label, cfg, kind, params, fixed in _jobs(configs, n, reference, options, unfit):
             row = {"loss": label, "config": cfg, "classes": n, "scale": scale, "batch": batch_size, "device": str(dev),
                    "median_ms": math.nan, "ratio_vs_ce": math.nan, "peak_mem_mb": math.nan, "status": fixed or "ok"}
             rows.append(row)
@@ -401,18 +415,21 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < low:
             raise BenchError(f"bench-loss: --{key.replace('_', '-')} must be at least {low}, got {value}")
     scales = scales_of(args.scale)
-    validate_configs(configs, args.classes)
+    unfit = validate_configs(configs, args.classes, skip_unfit=settings.skip_unfit)
     cap = cap_address_space(args.memory_limit_gb) if torch.device(args.device).type == "cpu" else None
     df = bench_losses(configs, args.classes, args.batch_size, args.device, args.threads, args.repeats,
                       args.warmup, reference=settings.reference and not args.no_reference,
                       memory=not args.no_memory, torch_sparse_shim=settings.torch_sparse_shim or args.torch_sparse_shim,
-                      scales=scales)
+                      scales=scales, unfit=unfit)
     title = f"# bench-loss: {bench.bench}\n\n{bench.description.strip()}\n\n" if bench else ""
     text = title + header(args.device, args.threads, args.batch_size, cap) + "\n\n" + to_markdown(df) + "\n"
-    print(text)
-    if args.out:
-        out = Path(args.out)
+    out = Path(args.out) if args.out else None
+    if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
+    if out is not None and scaling.has_scaling(df):
+        text += "\n" + scaling.section(df, scaling.plot(df, out.with_name(out.stem + "-scaling.png")))
+    print(text)
+    if out is not None:
         out.write_text(text)
         df.to_csv(out.with_suffix(".csv"), index=False)
         print(f"wrote {out} and {out.with_suffix('.csv')}")

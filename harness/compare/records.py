@@ -12,7 +12,7 @@ import logging
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from harness.errors import ResultsError, UserError
@@ -292,14 +292,29 @@ class _Builder:
 
 
 def _suite_entries(path: Path, results_dir: Path) -> tuple[str, list]:
+    """A suite's expected runs with their records. A tuned suite contributes its selected configurations
+    only (the runs its report tables), each placed under its row's fixed spec (the tuned values and
+    learning rate left out), so a row is one loss on one problem whatever its tuning chose; a row not
+    selected yet counts as missing."""
     suite = load_suite(path)
     store = RunStore(results_dir, suite.name)
+    if suite.tune is None:
+        pairs = [(spec, spec) for spec in suite.runs]
+    else:
+        from harness.tune import replay
+
+        pairs = []
+        for tuner in replay(suite.tune, store.load, retry=False):
+            finals = {s.seed: s for s in tuner.finals()}
+            for seed in suite.tune.final_seeds:
+                placeholder = replace(tuner.group.base, seed=seed)
+                pairs.append((finals.get(seed, placeholder), placeholder))
     entries = []
-    for spec in suite.runs:
+    for spec, shown in pairs:
         rec = store.load(spec.run_id)  # None when absent or unreadable
         if rec is None and store.path(spec.run_id).is_file():
             rec = ValueError("unreadable JSON")
-        entries.append((str(store.path(spec.run_id)), spec.run_id, rec, spec.to_dict()))
+        entries.append((str(store.path(spec.run_id)), spec.run_id, rec, shown.to_dict()))
     return suite.name, entries
 
 

@@ -3,19 +3,20 @@
 Friedman's test is scipy's (`friedmanchisquare`, with its correction for ties); the Nemenyi post-hoc
 test is scikit-posthocs' `posthoc_nemenyi_friedman` (two losses differ when their average ranks differ
 by more than the critical difference CD = q_α/√2 · √(k(k+1)/(6N))). Confidence intervals of a difference
-to the baseline are Student-t intervals from scipy: paired over the seeds both rows share when there
-are at least two, Welch's otherwise.
+to the baseline are `harness.stats`' Student-t intervals: paired over the seeds both rows share when
+there are at least two, Welch's otherwise.
 """
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import scikit_posthocs as sp
 from scipy import stats
+
+from harness import stats as core_stats
 
 ALPHA = 0.05
 TIE_DECIMALS = 9  # means equal to this many decimals tie (seed means of equal accuracies differ by float noise)
@@ -84,24 +85,16 @@ class Difference:
 
 
 def difference(values: dict[int, float], base: dict[int, float], confidence: float = 0.95) -> Difference:
-    """Difference of a row to the baseline row, seeds given as {seed: value}."""
+    """Difference of a row to the baseline row, seeds given as {seed: value}: paired on the shared seeds
+    when there are two or more, Welch otherwise (the intervals of ``harness.stats``)."""
     shared = sorted(set(values) & set(base))
     if len(shared) >= 2:
-        d = np.array([values[s] - base[s] for s in shared])
-        if np.ptp(d) == 0:  # identical difference on every seed: no spread, the CI is the point
-            return Difference(float(d[0]), float(d[0]), float(d[0]), "paired", len(shared))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            ci = stats.ttest_rel([values[s] for s in shared], [base[s] for s in shared]).confidence_interval(
-                confidence)
-        return Difference(float(d.mean()), float(ci.low), float(ci.high), "paired", len(shared))
+        c = core_stats.paired(np.array([values[s] for s in shared]), np.array([base[s] for s in shared]),
+                              confidence=confidence)
+        return Difference(c.diff, c.ci_low, c.ci_high, "paired", len(shared))
     a, b = np.array(list(values.values())), np.array(list(base.values()))
-    delta = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
     if len(a) < 2 or len(b) < 2:
+        delta = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
         return Difference(delta, math.nan, math.nan, "none", min(len(a), len(b)))
-    if np.ptp(a) == 0 and np.ptp(b) == 0:
-        return Difference(delta, delta, delta, "welch", min(len(a), len(b)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence)
-    return Difference(delta, float(ci.low), float(ci.high), "welch", min(len(a), len(b)))
+    c = core_stats.welch(a, b, confidence=confidence)
+    return Difference(c.diff, c.ci_low, c.ci_high, "welch", min(len(a), len(b)))

@@ -177,22 +177,28 @@ def _schur_laplacian(pi: torch.Tensor, a: float) -> torch.Tensor:
     return torch.diag_embed(weights.sum(2)) - weights
 
 
+MAX_AMPLIFICATION = 1e12  # ‖x‖·‖S‖/‖rhs‖ beyond this: the system is numerically singular in float64
+
+
 def _solve_guarded(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Batched solve of the small Schur systems; a system that is singular in float64 (anchors whose
-    couplings underflowed: the plan's derivative along them is exactly 0) is solved with a ridge of
-    1e−30·max|entry| instead, which leaves its coupled part intact and its decoupled part finite."""
+    """Batched solve of the small Schur systems.
+
+    Anchors whose couplings underflowed (a nearly hard plan at a large inverse temperature) make a
+    system singular in float64: its solution along them is rounding noise divided by ~0, and the
+    backward then cancels huge terms into NaN. Such systems — non-finite, or amplifying the right-hand
+    side by more than ``MAX_AMPLIFICATION`` — are solved by the pseudo-inverse (rtol 1e−12) instead,
+    which zeroes those directions: the plan's derivative along them is below float64 resolution.
+    """
     if matrix.device.type == "cpu":  # many tiny systems: compiled elimination beats batched LAPACK calls
         x = torch.from_numpy(solve_systems(matrix.numpy(), rhs.numpy()))
     else:
         x, info = torch.linalg.solve_ex(matrix, rhs)
         x = torch.where((info == 0).unsqueeze(1), x, float("nan"))
-    bad = ~torch.isfinite(x).all(1)
+    size = matrix.abs().amax((1, 2)) * x.abs().amax(1)
+    bad = ~torch.isfinite(x).all(1) | (size > MAX_AMPLIFICATION * rhs.abs().amax(1).clamp_min(1e-300))
     if bool(bad.any()):
-        sub = matrix[bad]
-        ridge = 1e-30 * sub.abs().amax((1, 2), keepdim=True).clamp_min(1e-300)
-        eye = torch.eye(sub.shape[1], dtype=sub.dtype, device=sub.device)
-        x[bad] = torch.linalg.lstsq(sub + ridge * eye, rhs[bad].unsqueeze(2)).solution.squeeze(2).nan_to_num(
-            0.0, 0.0, 0.0)
+        pinv = torch.linalg.pinv(matrix[bad], rtol=1e-12, hermitian=True)
+        x[bad] = (pinv @ rhs[bad].unsqueeze(2)).squeeze(2)
     return x
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -89,3 +90,64 @@ def test_compare_two_suites_with_a_missing_run_and_shared_runs(write_suite, tmp_
     missing = cells[(cells["loss"] == "softmax[label_smoothing=0.1]") & cells["problem"].str.startswith("tiny ·")]
     assert missing["mean"].isna().all() and (missing["missing"] == "1 missing of 2 seeds").all()
     assert set(cells["problem"]) == {"tiny · synthetic · mlp", "tiny-b · synthetic · mlp"}
+
+
+TUNED = """
+suite: SUITE
+seeds: [0, 1, 2]
+dataset: {name: synthetic, params: {classes: 10, superclasses: 2, modes: 2, dim: 4,
+                                     train_size: 256, val_size: 128, test_size: 128, noise: NOISE}}
+model: {name: mlp, params: {hidden: 16}}
+train: {epochs: 2, batch_size: 64, optimizer: {name: adam, lr: 1.0e-3}}
+eval: {k: [1, 2]}
+tune: {budget: 3, sampler: random, metric: top2, space: {lr: {log: [1.0e-4, 1.0e-1]}}}
+losses:
+  - softmax
+  - {name: berrada_smooth, params: {k: 2}}
+resources: {device: cpu, timeout_min: 5}
+"""
+
+
+def _tune_with_fake_records(suite_path: Path, results: Path) -> list:
+    """Run the suite's tune with an executor that writes fixture-based records (validation and test
+    scores that depend on the learning rate), and return its tuners."""
+    from harness.tune import tune
+
+    template = _softmax_record()
+    suite = load_suite(suite_path)
+    store = RunStore(results, suite.name)
+
+    def execute(specs):
+        for spec in specs:
+            rec = copy.deepcopy(template)
+            rec.update(run_id=spec.run_id, spec=spec.to_dict())
+            score = 0.9 - 0.01 * abs(math.log10(spec.train["optimizer"]["lr"]) + 2) + 0.001 * spec.seed
+            val = {"top1": score - 0.2, "top2": score, "k99": 3}
+            rec["metrics"]["val"] = {"best": val, "last": val}
+            rec["metrics"]["test"]["best_val"].update(top1=score - 0.25, top2=score - 0.05)
+            store.write(rec)
+
+    return tune(suite.tune, store.load, execute, poll_s=0.0)
+
+
+def test_compare_tuned_suites_uses_the_selected_runs_one_cell_per_row(write_suite, tmp_path):
+    results = tmp_path / "results"
+    paths = [write_suite(TUNED.replace("SUITE", f"tuned-{i}").replace("NOISE", str(noise)), f"t{i}.yaml")
+             for i, noise in enumerate([0.0, 0.2])]
+    finals = {}
+    for path in paths:
+        for tuner in _tune_with_fake_records(path, results):
+            finals[(path.name, tuner.group.label)] = [s.run_id for s in tuner.finals()]
+    out = tmp_path / "cmp"
+    assert main(["compare", *map(str, paths), "--results-dir", str(results), "--metric", "top1",
+                 "--out", str(out)]) == 0
+    cells = pd.read_csv(out / "cells.csv")
+    # one cell per tuned row and problem (not one per chosen learning rate), each from its 3 selected runs
+    assert sorted(cells["loss"].unique()) == ["berrada_smooth[k=2]", "softmax"]
+    assert len(cells) == 4 and (cells["n"] == 3).all()
+    md = (out / "compare.md").read_text()
+    assert "12 records used; 0 left out" in md  # 2 suites × 2 rows × 3 seeds; trials are not used
+    assert len({rid for ids in finals.values() for rid in ids}) == 12
+    assert main(["report", str(paths[0]), "--results-dir", str(results)]) == 0  # report reads the tune's records
+    report = (results / "tuned-0" / "report.md").read_text()
+    assert "budget 3 trials per row" in report and "| berrada_smooth[k=2]" in report

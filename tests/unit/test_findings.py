@@ -104,3 +104,17 @@ def test_incomplete_rows_are_not_compared():
     board = _board({"softmax": [(0.6, 0.9), (0.61, 0.91)], "broken": [(0.9, 0.99), (0.91, 0.99)]}, failed="broken")
     text = "\n".join(board_findings(board))
     assert "broken" not in text and "no other complete row to compare with" in text
+
+
+def test_gap_to_the_reference_and_the_share_the_best_row_closes():
+    import dataclasses
+
+    board = _board({"softmax": _rows(0.60, 0.80), "topk_loss": _rows(0.50, 0.85)})
+    assert not any("gap to the" in line for line in board_findings(board))  # no reference: no line
+    ref = {"label": "Bayes optimum", "curve": [0.70, 0.8, 0.85, 0.88, 0.90], "exact": True}
+    lines = board_findings(dataclasses.replace(board, reference=ref))
+    (gap,) = [line for line in lines if "gap to the Bayes optimum" in line]
+    # top-1: softmax is 10 points below 70 % and is the best row; top-5: 10 points below 90 %, and
+    # topk_loss (85 %) closes half of it
+    assert "top-1 10.00 points, no row beats it" in gap
+    assert "top-5 10.00 points, best `topk_loss` closes 50 % of it" in gap

@@ -57,7 +57,7 @@ def test_reference_row_gap_columns_and_macro_for_long_tails():
             r["metrics"]["test"]["best_val"].update(macro_top1=top1 - 0.1, macro_top5=0.8)
             r["data_info"] = {"reference": ref}
             recs[s.run_id] = r
-        (board,) = leaderboard.build(specs, recs, eval_cfg)
+        (board,) = leaderboard.build(specs, recs, eval_cfg, info={"softmax": {"chosen (validation)": "lr=0.01"}})
         table = board.table.set_index("loss")
         assert list(board.table["loss"]) == ["softmax", "*Bayes optimum*"]  # reference last, unranked
         assert table.loc["*Bayes optimum*", "rank"] == "ref"
@@ -65,6 +65,8 @@ def test_reference_row_gap_columns_and_macro_for_long_tails():
         assert table.loc["*Bayes optimum*", "top-5 % ↑"] == "99.00"
         assert table.loc["softmax", "Δ ref top-1"] == "-20.00" and table.loc["softmax", "Δ ref top-5"] == "-9.00"
         assert set(board.values) == {"softmax"}  # the reference is no loss: findings never see it
+        assert not board.table.isna().any().any()  # every cell of the reference row is filled
+        assert table.loc["*Bayes optimum*", "chosen (validation)"] == "—"
         has_macro = "macro top-1 % ↑" in board.table.columns
         assert has_macro == (long_tail > 1)
         if has_macro:

@@ -121,3 +121,61 @@ def test_scale_axis_rows_inputs_and_tables(tmp_path):
     path.write_text("bench: b\nclasses: [20]\nscale: [1, 0]\nlosses:\n  - softmax\n")
     with pytest.raises(BenchError, match="scale"):
         load_bench_file(path)
+
+
+def _table(slopes: dict[str, float], classes=(10, 100, 1000, 3000, 10000, 20000), scale=3.0):
+    import pandas as pd
+
+    rows = []
+    for config, slope in slopes.items():
+        for n in classes:
+            rows.append({"loss": config, "config": config, "classes": n, "scale": scale, "batch": 8,
+                         "device": "cpu", "median_ms": 0.01 * n ** slope + 0.5, "ratio_vs_ce": 1.0,
+                         "peak_mem_mb": 0.001 * n ** (slope / 2), "status": "ok"})
+    return pd.DataFrame(rows)
+
+
+def test_scaling_exponents_recover_known_slopes_and_report_failures():
+    from harness import lossbench_scaling as scaling
+
+    df = _table({"cross_entropy": 1.0, "quadratic": 2.0})
+    df.loc[(df.config == "quadratic") & (df.classes == 20000), "status"] = "oom"
+    got = scaling.exponents(df).set_index("config")
+    assert abs(got.loc["cross_entropy", "time exponent"] - 1.0) < 0.05  # fixed cost 0.5 ms is small at n ≥ 1000
+    assert abs(got.loc["quadratic", "time exponent"] - 2.0) < 0.02
+    assert abs(got.loc["quadratic", "memory exponent"] - 1.0) < 0.02
+    assert got.loc["quadratic", "largest n"] == 10000 and got.loc["quadratic", "failed at"] == "20000 (oom)"
+    assert got.loc["quadratic", "fit points"] == 3  # 1000, 3000, 10000
+    assert not scaling.has_scaling(_table({"cross_entropy": 1.0}, classes=(100, 1000)))
+
+
+def test_bench_with_three_class_counts_writes_the_scaling_figure(tmp_path, capsys):
+    from harness.cli import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text("bench: s\nclasses: [10, 40, 1000, 2000]\nbatch_size: 4\nrepeats: 1\nwarmup: 0\n"
+                    "losses:\n  - softmax\n")
+    assert main(["bench-loss", "--suite", str(path), "--no-memory", "--out", str(tmp_path / "s.md")]) == 0
+    figure = tmp_path / "s-scaling.png"
+    assert figure.stat().st_size > 10_000 and figure.read_bytes()[:4] == b"\x89PNG"
+    text = (tmp_path / "s.md").read_text()
+    assert "![time and memory against n](s-scaling.png)" in text and "time exponent" in text
+
+
+def test_skip_unfit_marks_rows_na_and_still_refuses_a_config_that_fits_nothing(tmp_path, capsys):
+    import pandas as pd
+
+    from harness.cli import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text("bench: s\nclasses: [10, 40]\nbatch_size: 4\nrepeats: 1\nwarmup: 0\nskip_unfit: true\n"
+                    "losses:\n  - {name: lapsum, params: {m: 16}}\n")
+    assert main(["bench-loss", "--suite", str(path), "--no-memory", "--out", str(tmp_path / "s.md")]) == 0
+    df = pd.read_csv(tmp_path / "s.csv")
+    row = df[(df.loss == "lapsum")].set_index("classes")["status"]
+    assert row[40] == "ok" and row[10].startswith("n/a: m=16")
+    path.write_text(path.read_text().replace("[10, 40]", "[10, 12]"))
+    assert main(["bench-loss", "--suite", str(path), "--no-memory"]) == 2
+    assert "fits none of the class counts" in capsys.readouterr().err
+    path.write_text(path.read_text().replace("skip_unfit: true", "skip_unfit: false").replace("[10, 12]", "[10, 40]"))
+    assert main(["bench-loss", "--suite", str(path), "--no-memory"]) == 2  # the default stays strict

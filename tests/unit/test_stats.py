@@ -76,3 +76,17 @@ def test_holm_matches_hand_computation_and_statsmodels():
     assert adjusted == pytest.approx([0.03, 0.06, None, 0.06, 0.02])
     expected = multipletests(ps, method="holm")[1]
     assert [q for q in adjusted if q is not None] == pytest.approx(expected, rel=1e-12)
+
+
+def test_differences_equal_up_to_rounding_have_no_spread():
+    # top-10 of the tuned synthetic table: one more correct test sample (of 5000) on every seed; the
+    # per-seed percentages, means of 0/1 outcomes ×100, differ from 0.02 by ~1e-14 only
+    a = np.array([4995, 4996, 4997]) / 5000 * 100
+    b = np.array([4994, 4995, 4996]) / 5000 * 100
+    assert np.ptp(a - b) > 0  # the rounding noise the old test missed
+    c = stats.paired(a, b)
+    assert c.test == "sign test" and c.note == "the same difference on every seed"
+    assert c.diff == pytest.approx(0.02) and c.p == pytest.approx(0.25)  # never the spurious p < 1e-4
+    noisy = np.array([7.0, 7.0 + 1e-13, 7.0 - 1e-13])
+    w = stats.welch(noisy, np.array([6.0, 6.0, 6.0 + 1e-13]))
+    assert w.test == "Mann-Whitney U" and w.diff == 1.0 and w.p == pytest.approx(0.1)
