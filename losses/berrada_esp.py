@@ -21,7 +21,7 @@ Backward (no cancellation worth the name):
 
 Truncation (exact to working precision; it makes large logit scales cheap). Let P_j be the
 product of the j largest e and v = e_(k) ≥ t. An element with e_i < θ·t ≤ θ·v,
-θ = ε/(n·max_{j≤k} C(n−1, j−1)), ε = 2⁻⁶⁰, is left out of σ: the left-out terms of σ_j are at most
+θ = ε/(n·max_{j≤k} C(n−1, j−1)), ε = 2⁻⁶⁰ (2⁻⁴⁰ with float32 e), is left out of σ: the left-out terms of σ_j are at most
 n·C(n−1, j−1) products each ≤ θ·v·P_{j−1}, while σ_j ≥ P_j ≥ v·P_{j−1}; so σ_j (j ≤ k) and every
 σ_j(e∖t) (j ≤ k−1) change by a relative ≤ ε. A left-out element's ∂r/∂a_i is ≤ 2ε/n in absolute
 value; it gets the formula's value computed with the truncated σ (0 where e_i is below the flush level).
@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 EPS_TRUNC = 2.0**-60  # relative change of σ_j allowed by truncation (below float64 rounding)
+EPS_TRUNC32 = 2.0**-40  # the same with float32 e (float32 scores): far below float32 rounding
 KMAX = 16  # largest k with a generated kernel (M = 2k must not exceed RESIDUES)
 LANES = 4  # interleaved accumulator sets in the recurrence
 RESIDUES = 64  # residue classes for the threshold pass (a multiple of the SIMD width)
@@ -59,11 +60,11 @@ OK, FLOAT64, LOG_SPACE = 0, 1, 2  # row status
 _KERNELS: dict[int, object] = {}
 
 
-def esp_constants(n_other: int, k: int) -> tuple[int, float, float]:
+def esp_constants(n_other: int, k: int, eps: float = EPS_TRUNC) -> tuple[int, float, float]:
     """(M, θ, GUARD) for n_other classes besides the label (see the module docstring)."""
     m = min(2 * k, n_other)
     log_c = [math.lgamma(n_other) - math.lgamma(j) - math.lgamma(n_other - j + 1) for j in range(1, k + 1)]
-    theta = math.exp(math.log(EPS_TRUNC) - math.log(n_other) - max(log_c))
+    theta = math.exp(math.log(eps) - math.log(n_other) - max(log_c))
     log_comb_k = math.lgamma(n_other + 1) - math.lgamma(k + 1) - math.lgamma(n_other - k + 1)
     # σ_k ≥ Π top-k e must stay ≥ e^40·(n·k + 1)·C(n, k)·tiny: float64 underflow anywhere in the
     # recurrence then costs less than e^-40 relative
@@ -357,7 +358,7 @@ def esp_ratio(e: torch.Tensor, k: int, want_grad: bool) -> tuple[np.ndarray, np.
     """(r [B] float64, status [B] int8, ∂r/∂a [B, n] in e's dtype or None) for e [B, n] on the CPU
     (contiguous; e = exp(a) with max_{j≠y} a_j = 0 and e_y = 0). Rows with status ≠ 0: r = 0, zero gradient."""
     b, n = e.shape
-    m_top, theta, guard = esp_constants(n - 1, k)
+    m_top, theta, guard = esp_constants(n - 1, k, EPS_TRUNC32 if e.dtype == torch.float32 else EPS_TRUNC)
     ratio = np.empty(b)
     status = np.empty(b, dtype=np.int8)
     grad = torch.empty_like(e) if want_grad else torch.empty(1, 1, dtype=e.dtype)

@@ -71,10 +71,10 @@ def test_near_hard_rows(dtype: torch.dtype) -> None:
 
 
 def test_rows_take_the_float64_and_log_space_fallbacks() -> None:
-    """τ = 0.1 at scale 30 underflows float32 e (status 1); scores ~ 1e4 need log space (status 2)."""
+    """τ = 0.1 at scale 100 underflows float32 e (status 1); scores ~ 1e4 need log space (status 2)."""
     gen = torch.Generator().manual_seed(11)
     n, k = 500, 5
-    s = torch.randn(12, n, generator=gen) * torch.tensor([1.0] * 4 + [30.0] * 4 + [1e4] * 4)[:, None]
+    s = torch.randn(12, n, generator=gen) * torch.tensor([1.0] * 4 + [100.0] * 4 + [1e4] * 4)[:, None]
     y = torch.randint(0, n, (12,), generator=gen)
     scale = 1.0 / (k * 0.1)
     masked = s.scatter(1, y[:, None], float("-inf"))
