@@ -16,16 +16,25 @@ with x = s/(kτ), e = exp(x) over the classes j ≠ y and σ_i the i-th elementa
 
 σ_{k−1}, σ_k (over e without y, shifted by the largest x so that e ∈ [0, 1]) are computed per
 sample by the cheapest exact method that is accurate for it:
+0. On the CPU for k ≤ 16 (the default path there): the compiled kernel of losses/berrada_esp.py,
+   an all-positive O(nk) recurrence with a hand-written backward whose subtractions are bounded
+   (relative error ~1e-15 in float64 at any logit scale, see its docstring), and an exact
+   truncation of elements too small to change σ_k, σ_{k−1} in float64. float32 scores use
+   float32 e except in rows where e would underflow (those are redone with float64 e); the loss
+   itself is formed in float64. Rows whose σ_k would underflow float64 (scores ~1e4) take path 2-3.
+   It replaced path 1 on the CPU: at logit scale 30 Newton's identities reject most rows (cancellation)
+   and the trees cost ~12× cross-entropy.
 1. Newton's identities on the power sums p_i = Σ e^i (one batched float64 triangular solve), used
    when the cancelling terms are bounded: for float32 scores first with the [B, n] work in float32
    where σ̄/σ ≤ 1e2 (error ≲ 1e-6, the common case for typical logits), then in float64 for the
    rows with σ̄/σ ≤ 1e6; for float64 scores in float64 where σ̄/σ ≤ 1e3. All [B, n] work is fused
-   in one autograd.Function with a hand-written backward.
+   in one autograd.Function with a hand-written backward. (GPU, and k > 16.)
 2. A divide-and-conquer tree of truncated polynomial products in linear space (O(nk), log2 n
    rounds), when nothing relevant can underflow.
 3. The same tree in log space (logsumexp; finite -1e30 instead of -inf): exact and stable for any
    scores (±1e4 in float32), used for near-hard rows.
-The original per-sample switch to the hard loss is not used: paths 2-3 stay exact there.
+The rows paths 0-1 reject go to 2-3 in float64. The original per-sample switch to the hard loss is
+not used: every path stays exact there.
 """
 
 from __future__ import annotations
@@ -39,6 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.registry import Log, Param, register_loss
+from losses.berrada_esp import KMAX as ESP_KMAX
+from losses.berrada_esp import EspMargin
+from losses.berrada_esp import _kernel as esp_kernel
 from losses.common import check_k, working_precision
 from losses.reference_difftopk import berrada_smooth_reference
 
@@ -265,14 +277,18 @@ def smooth_topk_svm(
 ) -> torch.Tensor:
     """Per-sample smooth top-k SVM loss L_{k,τ} ([B, n], [B] -> [B]).
 
-    method: "auto" (Newton's identities where well conditioned, else the linear-space tree where
-    nothing can underflow, else the log-space tree), or one of "newton", "linear", "log".
+    method: "auto" (on the CPU for k ≤ 16 the compiled exact kernel, elsewhere Newton's identities
+    where well conditioned; rows either rejects go to the linear-space tree where nothing can
+    underflow, else the log-space tree), or one of "esp" (the kernel; CPU only), "newton",
+    "linear", "log".
     """
-    if method not in ("auto", "newton", "linear", "log"):
-        raise ValueError(f"method={method!r} must be auto, newton, linear or log")
+    if method not in ("auto", "esp", "newton", "linear", "log"):
+        raise ValueError(f"method={method!r} must be auto, esp, newton, linear or log")
     x = working_precision(scores)
     b, n = x.shape
     scale = 1.0 / (k * tau)
+    if method == "esp" and (x.device.type != "cpu" or k > ESP_KMAX):
+        raise ValueError(f"method='esp' needs CPU scores and k <= {ESP_KMAX} (got {x.device.type}, k={k})")
 
     def shifted() -> tuple[torch.Tensor, torch.Tensor]:
         """(xc, margin) with autograd: xc = x − m with the label entry at -1e30 (absent)."""
@@ -290,6 +306,32 @@ def smooth_topk_svm(
         s = log_esp(xc, k)
         return s[:, k] - s[:, k - 1]
 
+    def tree_fix(ok: torch.Tensor, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ratio, margin) [B] in float64 for the rows not ok (0 elsewhere): the linear tree where
+        nothing can underflow, else the log tree, in float64 whatever the scores' dtype (few rows)."""
+        bad = (~ok).nonzero().squeeze(1)
+        xs = x[bad].double() * scale
+        lab = labels[bad][:, None]
+        xm = xs.scatter(1, lab, _NEG)
+        m = xm.detach().amax(1)
+        xc, margin = xm - m[:, None], xs.gather(1, lab).squeeze(1) - m
+        top = xc.detach().topk(k, dim=1).values  # ≤ 0, the first is 0
+        use_lin = -top.sum(1) <= _linear_safe_gap(n - 1, k, torch.float64)
+        ratio = torch.zeros_like(m)
+        if bool(use_lin.any()):
+            ratio = ratio.index_put((use_lin.nonzero().squeeze(1),), lin(xc[use_lin]))
+        if not bool(use_lin.all()):
+            ratio = ratio.index_put(((~use_lin).nonzero().squeeze(1),), lg(xc[~use_lin]))
+        log.debug("berrada_smooth: %d/%d samples off the %s path", len(bad), b, path)
+        full = x.new_zeros(b, dtype=torch.float64)
+        return full.index_put((bad,), ratio), full.index_put((bad,), margin)
+
+    if method == "esp" or (method == "auto" and x.device.type == "cpu" and k <= ESP_KMAX):
+        z, ok = EspMargin.apply(x, labels, k, scale)  # float64
+        if not bool(ok.all()):
+            fix, margin = tree_fix(ok, "compiled")
+            z = torch.where(ok, z, fix - margin)
+        return (tau * F.softplus(alpha / tau + z)).to(x.dtype)
     if method in ("linear", "log"):
         xc, margin = shifted()
         ratio = lin(xc) if method == "linear" else lg(xc)
@@ -306,18 +348,8 @@ def smooth_topk_svm(
             r2, _, ok2 = _NewtonRatio.apply(x[bad].to(work), labels[bad], k, scale, max_ratio, False, work)
             ratio = ratio.index_put((bad,), r2.to(ratio.dtype))
             ok = ok.index_put((bad,), ok2)
-        if not bool(ok.all()):
-            bad = (~ok).nonzero().squeeze(1)
-            xc = shifted()[0][bad]  # margin stays the fused one: the same value, one gradient path
-            top = xc.detach().topk(k, dim=1).values  # ≤ 0, the first is 0
-            use_lin = -top.sum(1) <= _linear_safe_gap(n - 1, k, x.dtype)
-            fix = torch.zeros_like(ratio)
-            if bool(use_lin.any()):
-                fix = fix.index_put((bad[use_lin],), lin(xc[use_lin]))
-            if not bool(use_lin.all()):
-                fix = fix.index_put((bad[~use_lin],), lg(xc[~use_lin]))
-            ratio = torch.where(ok, ratio, fix)
-            log.debug("berrada_smooth: %d/%d samples off the Newton path", len(bad), b)
+        if not bool(ok.all()):  # margin stays the fused one: the same value, one gradient path
+            ratio = torch.where(ok, ratio, tree_fix(ok, "Newton")[0].to(ratio.dtype))
     return tau * F.softplus(alpha / tau + ratio - margin)
 
 
@@ -374,6 +406,8 @@ class BerradaSmoothTopK(nn.Module):
         if not tau > 0:
             raise ValueError(f"tau={tau} must be > 0")
         self.num_classes, self.k, self.alpha, self.tau = num_classes, k, float(alpha), float(tau)
+        if k <= ESP_KMAX:  # compile (or load from the disk cache) the CPU kernel now, not in the first step
+            esp_kernel(k)
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return smooth_topk_svm(scores, labels, self.k, self.alpha, self.tau).mean()

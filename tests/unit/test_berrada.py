@@ -17,7 +17,7 @@ from harness import build_loss
 from harness.registry import RegistryError
 from losses.berrada import BerradaHardTopK, BerradaSmoothTopK, smooth_topk_svm
 
-METHODS = ("auto", "newton", "linear", "log")
+METHODS = ("auto", "esp", "newton", "linear", "log")
 
 
 def _lse(values: list[float]) -> float:
