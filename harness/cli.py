@@ -183,15 +183,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import write_report
 
     suite, store = _suite_and_store(args)
-    ids = [s.run_id for s in suite.runs]
+    ids, tuners = [s.run_id for s in suite.runs], None
     if suite.tune is not None:  # a tuned suite's records are its trials (and selected runs)
         from harness.tune import replay
 
-        ids = [s.run_id for t in replay(suite.tune, store.load, retry=False) for trial in t.trials for s in trial.specs]
+        tuners = replay(suite.tune, store.load, retry=False)  # handed on: the report needs the same replay
+        ids = [s.run_id for t in tuners for trial in t.trials for s in trial.specs]
     if not store.records_for(ids):
         raise ResultsError(f"report: no records of suite '{suite.name}' under {store.results_root} "
                            "(run it first: topk-bench run SUITE)")
-    print(f"Report: {write_report(suite, store)}")
+    print(f"Report: {write_report(suite, store, tuners)}")
     return 0
 
 

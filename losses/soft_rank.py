@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from harness.registry import Log, Param, register_loss
-from losses.common import check_k, working_precision
+from losses.common import check_k
 from losses.isotonic import permutahedron_projection, projection_at
-from losses.topk_ce import preselect
+from losses.topk_ce import prepare_inputs
 
 REGULARIZATIONS = ("l2", "kl")
 
@@ -87,11 +87,6 @@ class SoftRankLoss(nn.Module):
         return f"n={self.num_classes}, k={self.k}, epsilon={self.epsilon}, regularization={self.regularization}"
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if scores.dim() != 2 or scores.shape[1] != self.num_classes:
-            raise ValueError(f"scores must be [B, {self.num_classes}], got {tuple(scores.shape)}")
-        s = working_precision(scores)
-        labels = labels.long()
-        if self.m is not None:
-            s, labels = preselect(s, labels, self.m)
+        s, labels = prepare_inputs(scores, labels, self.num_classes, self.m)
         r_y = soft_rank_at(s, labels, self.epsilon, self.regularization)
         return torch.relu(r_y - self.k).mean()

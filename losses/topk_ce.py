@@ -45,6 +45,16 @@ def preselect(s: torch.Tensor, labels: torch.Tensor, m: int) -> tuple[torch.Tens
     return s.gather(1, torch.cat([labels.unsqueeze(1), idx], 1)), torch.zeros_like(labels)
 
 
+def prepare_inputs(scores: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                   m: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check scores are [B, num_classes], move them to the working precision, and apply top-m
+    preselection when ``m`` is set: the scores and labels every preselecting loss computes on."""
+    if scores.dim() != 2 or scores.shape[1] != num_classes:
+        raise ValueError(f"scores must be [B, {num_classes}], got {tuple(scores.shape)}")
+    s, labels = working_precision(scores), labels.long()
+    return (s, labels) if m is None else preselect(s, labels, m)
+
+
 class TopKCrossEntropy(nn.Module):
     """−log Σ_k P_K(k)·m_k(s)_y for a soft top-k operator m_k supplied by the subclass."""
 
@@ -81,12 +91,7 @@ class TopKCrossEntropy(nn.Module):
         return f"n={self.num_classes}, p_k={self.p_k}, m={self.m}, top1_mode={self.top1_mode}"
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if scores.dim() != 2 or scores.shape[1] != self.num_classes:
-            raise ValueError(f"scores must be [B, {self.num_classes}], got {tuple(scores.shape)}")
-        s = working_precision(scores)
-        labels = labels.long()
-        if self.m is not None:
-            s, labels = preselect(s, labels, self.m)
+        s, labels = prepare_inputs(scores, labels, self.num_classes, self.m)
         if self.topk_mass > 0:
             q = self.label_mass(s, labels, self.ks, self.kweights)
         else:

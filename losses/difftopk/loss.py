@@ -6,13 +6,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.registry import Linear, Log, Param, register_loss
-from losses.common import check_p_k, working_precision
+from losses.common import check_p_k
 from losses.reference_difftopk import difftopk_reference
 from losses.difftopk.label_mass import network_label_mass
 from losses.difftopk.networks import NETWORKS, TorchNetwork
 from losses.difftopk.relaxations import DISTRIBUTIONS
 from losses.difftopk.sinkhorn import sinkhorn_topk
-from losses.topk_ce import preselect
+from losses.topk_ce import prepare_inputs
 from losses.difftopk.sorters import (
     SORTERS,
     neuralsort_topk,
@@ -101,10 +101,6 @@ class DiffTopKLoss(nn.Module):
                 f"distribution={self.distribution}")
 
     # ------------------------------------------------------------------
-    def preselect(self, s: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[s_y, the m-1 largest other scores (descending)]; the label becomes class 0."""
-        return preselect(s, labels, self.m)
-
     def topk_probability(self, s: torch.Tensor) -> torch.Tensor:
         """sum_j w_j P[b, j, :]: the (non-top-1-softmax) top-k mass of every class, [B, n].
 
@@ -121,12 +117,7 @@ class DiffTopKLoss(nn.Module):
         return (P * self.col_weights.to(s.dtype).view(1, -1, 1)).sum(1)
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if scores.dim() != 2 or scores.shape[1] != self.num_classes:
-            raise ValueError(f"scores must be [B, {self.num_classes}], got {tuple(scores.shape)}")
-        s = working_precision(scores)
-        labels = labels.long()
-        if self.m is not None:
-            s, labels = self.preselect(s, labels)
+        s, labels = prepare_inputs(scores, labels, self.num_classes, self.m)
         y = labels.unsqueeze(1)
         if self.topk_mass > 0 and self.network is not None:
             q = network_label_mass(s, labels, self.network, self.col_weights, self.inverse_temperature,
