@@ -56,57 +56,81 @@ def _cubic_block_value(s1: float, s2: float, s3: float, cnt: float, wsum: float,
     return g
 
 
+def _pav_row(x: np.ndarray, wb: np.ndarray, mode: int, a1: np.ndarray, a2: np.ndarray, a3: np.ndarray,
+             a4: np.ndarray, cnt: np.ndarray, smin: np.ndarray, smax: np.ndarray, val: np.ndarray,
+             start: np.ndarray) -> int:
+    """PAV on one descending row x (float64) against wb: the blocks' starts and values (into start, val;
+    a1..smax are scratch); returns the index of the last block."""
+    n = x.shape[0]
+    top = -1
+    if mode == 0:  # l2, the common case: the same arithmetic, the last block's state kept in registers
+        cur_start, cur_sum, cur_cnt, cur_val = 0, x[0] - wb[0], 1.0, x[0] - wb[0]
+        for i in range(1, n):
+            xi = x[i] - wb[i]
+            if cur_val > xi:  # no violation: push the last block, start a new one
+                top += 1
+                start[top], a1[top], a2[top], val[top] = cur_start, cur_sum, cur_cnt, cur_val
+                cur_start, cur_sum, cur_cnt, cur_val = i, xi, 1.0, xi
+                continue
+            cur_sum += xi
+            cur_cnt += 1.0
+            cur_val = cur_sum / cur_cnt
+            while top >= 0 and val[top] <= cur_val:
+                cur_start, cur_sum, cur_cnt = start[top], a1[top] + cur_sum, a2[top] + cur_cnt
+                cur_val = cur_sum / cur_cnt
+                top -= 1
+        top += 1
+        start[top], a1[top], a2[top], val[top] = cur_start, cur_sum, cur_cnt, cur_val
+        return top
+    for i in range(n):
+        top += 1
+        xi, wi = x[i], wb[i]
+        start[top], cnt[top], smin[top], smax[top] = i, 1.0, xi, xi
+        if mode == 0:
+            a1[top], a2[top] = xi - wi, 1.0
+            val[top] = xi - wi
+        elif mode == 1:
+            a1[top], a2[top] = xi, wi
+            val[top] = xi - wi
+        else:
+            a1[top], a2[top], a3[top], a4[top] = xi, xi * xi, xi * xi * xi, wi
+            val[top] = xi - np.cbrt(wi) if wi != 0 else xi  # cbrt(0) = 0: skip the libm call
+        while top > 0 and val[top - 1] <= val[top]:
+            p = top - 1
+            cnt[p] += cnt[top]
+            smin[p] = min(smin[p], smin[top])
+            smax[p] = max(smax[p], smax[top])
+            if mode == 0:
+                a1[p] += a1[top]
+                a2[p] += a2[top]
+                val[p] = a1[p] / a2[p]
+            elif mode == 1:
+                a1[p] = np.logaddexp(a1[p], a1[top])
+                a2[p] = np.logaddexp(a2[p], a2[top])
+                val[p] = a1[p] - a2[p]
+            else:
+                a1[p] += a1[top]
+                a2[p] += a2[top]
+                a3[p] += a3[top]
+                a4[p] += a4[top]
+                root = np.cbrt(a4[p] / cnt[p])
+                val[p] = _cubic_block_value_jit(a1[p], a2[p], a3[p], cnt[p], a4[p], smin[p] - root - 1e-12,
+                                                smax[p] + 1e-12)
+            top = p
+    return top
+
+
 def _pav_batch(s: np.ndarray, w: np.ndarray, mode: int, sol: np.ndarray, block: np.ndarray) -> None:
     """Decreasing isotonic solution v (into sol) and each element's block start (into block), per row
     (w [B, n], or [1, n] for every row)."""
     batch, n = s.shape
-    a1 = np.empty(n)  # l2: Σ(s−w) | kl: LSE(s) | p: Σs
-    a2 = np.empty(n)  # l2: count  | kl: LSE(w) | p: Σs²
-    a3 = np.empty(n)  # p: Σs³
-    a4 = np.empty(n)  # p: Σw
-    cnt = np.empty(n)
-    smin = np.empty(n)
-    smax = np.empty(n)
+    scratch = np.empty((7, n))
     val = np.empty(n)
     start = np.empty(n, dtype=np.int64)
     for b in range(batch):
         wb = w[b] if w.shape[0] > 1 else w[0]  # one row of w: shared by the batch
-        top = -1
-        for i in range(n):
-            top += 1
-            x, wi = s[b, i], wb[i]
-            start[top], cnt[top], smin[top], smax[top] = i, 1.0, x, x
-            if mode == 0:
-                a1[top], a2[top] = x - wi, 1.0
-                val[top] = x - wi
-            elif mode == 1:
-                a1[top], a2[top] = x, wi
-                val[top] = x - wi
-            else:
-                a1[top], a2[top], a3[top], a4[top] = x, x * x, x * x * x, wi
-                val[top] = x - np.cbrt(wi) if wi != 0 else x  # cbrt(0) = 0: skip the libm call
-            while top > 0 and val[top - 1] <= val[top]:
-                p = top - 1
-                cnt[p] += cnt[top]
-                smin[p] = min(smin[p], smin[top])
-                smax[p] = max(smax[p], smax[top])
-                if mode == 0:
-                    a1[p] += a1[top]
-                    a2[p] += a2[top]
-                    val[p] = a1[p] / a2[p]
-                elif mode == 1:
-                    a1[p] = np.logaddexp(a1[p], a1[top])
-                    a2[p] = np.logaddexp(a2[p], a2[top])
-                    val[p] = a1[p] - a2[p]
-                else:
-                    a1[p] += a1[top]
-                    a2[p] += a2[top]
-                    a3[p] += a3[top]
-                    a4[p] += a4[top]
-                    root = np.cbrt(a4[p] / cnt[p])
-                    val[p] = _cubic_block_value_jit(a1[p], a2[p], a3[p], cnt[p], a4[p], smin[p] - root - 1e-12,
-                                                    smax[p] + 1e-12)
-                top = p
+        top = _pav_row_jit(s[b], wb, mode, scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5],
+                           scratch[6], val, start)
         for blk in range(top + 1):
             end = start[blk + 1] if blk < top else n
             for i in range(start[blk], end):
@@ -116,17 +140,18 @@ def _pav_batch(s: np.ndarray, w: np.ndarray, mode: int, sol: np.ndarray, block: 
 
 def _kernel():
     """Compile the PAV once (numba, cached on disk); imported lazily so `import losses` stays fast."""
-    global _KERNEL, _cubic_block_value_jit
+    global _KERNEL
     if _KERNEL is None:
         import numba
 
-        _cubic_block_value_jit = numba.njit(cache=True)(_cubic_block_value)
-        globals()["_cubic_block_value_jit"] = _cubic_block_value_jit
+        globals()["_cubic_block_value_jit"] = numba.njit(cache=True)(_cubic_block_value)
+        globals()["_pav_row_jit"] = numba.njit(cache=True)(_pav_row)
         _KERNEL = numba.njit(cache=True)(_pav_batch)
     return _KERNEL
 
 
-_cubic_block_value_jit = _cubic_block_value  # replaced by the compiled version in _kernel()
+_cubic_block_value_jit = _cubic_block_value  # replaced by the compiled versions in _kernel()
+_pav_row_jit = _pav_row
 
 
 def isotonic_decreasing(s: np.ndarray, w: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
@@ -206,29 +231,6 @@ def _backward_rows(grad: np.ndarray, order: np.ndarray, d: np.ndarray, block: np
             start = stop
 
 
-def _label_backward_rows(grad: np.ndarray, order: np.ndarray, d: np.ndarray, block: np.ndarray, index: np.ndarray,
-                         out: np.ndarray) -> None:
-    """(Jᵀg) for a gradient g that is grad[b] at index[b] and 0 elsewhere: only the block holding index[b]
-    (sorted position p) moves, out_j = d_j·(δ_jp·g − d_p·g/Σ_B d) (0/0 := 0), in input order; O(block)."""
-    batch, n = out.shape
-    for b in range(batch):
-        pos = 0
-        while order[b, pos] != index[b]:
-            pos += 1
-        start = block[b, pos]
-        stop = pos + 1
-        while stop < n and block[b, stop] == start:
-            stop += 1
-        den = d[b, start] * 0
-        for i in range(start, stop):
-            den += d[b, i]
-        g = grad[b] * d[b, pos]
-        ratio = g / den if den > 0 else den * 0
-        for i in range(start, stop):
-            j = order[b, i]
-            out[b, j] = (g if i == pos else d[b, i] * 0) - d[b, i] * ratio
-
-
 _KERNELS: dict = {}
 
 
@@ -238,7 +240,7 @@ def _kernels() -> dict:
 
         _kernel()
         globals()["_pav_batch_jit"] = _KERNEL
-        for name in ("_sort_keys", "_order_of_keys", "_project_rows", "_backward_rows", "_label_backward_rows"):
+        for name in ("_sort_keys", "_order_of_keys", "_project_rows", "_backward_rows"):
             _KERNELS[name] = numba.njit(cache=True)(globals()[name])
     return _KERNELS
 
@@ -346,41 +348,16 @@ class _Projection(torch.autograd.Function):
         return torch.from_numpy(out).to(grad.device), None, None
 
 
-class _ProjectionAt(torch.autograd.Function):
-    """y[b, index[b]] of the projection, [B], with a backward that touches only the index's block (CPU)."""
-
-    @staticmethod
-    def forward(ctx, z, w, mode: str, index):  # type: ignore[override]
-        z_np = np.ascontiguousarray(z.detach().numpy())
-        order = _descending_order(z_np)
-        w_rows = w[:1] if w.stride(0) == 0 else w
-        w_np = np.ascontiguousarray(w_rows.detach().double().numpy())
-        y = np.empty_like(z_np)
-        d = np.empty_like(z_np)
-        block = np.empty(z_np.shape, dtype=np.int64)
-        _kernels()["_project_rows"](z_np, order, w_np, _MODE_ID[mode], y, d, block)
-        idx = np.ascontiguousarray(index.numpy(), dtype=np.int64)
-        ctx.save_for_backward(torch.from_numpy(order), torch.from_numpy(d), torch.from_numpy(block), index)
-        return torch.from_numpy(y[np.arange(y.shape[0]), idx])
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        order, d, block, index = ctx.saved_tensors
-        out = np.zeros(d.shape, dtype=d.numpy().dtype)
-        g = np.ascontiguousarray(grad.detach().to(d.dtype).numpy())
-        _kernels()["_label_backward_rows"](g, order.numpy(), d.numpy(), block.numpy(),
-                                           np.ascontiguousarray(index.numpy(), dtype=np.int64), out)
-        return torch.from_numpy(out), None, None, None
-
-
 def projection_at(z: torch.Tensor, w: torch.Tensor, index: torch.Tensor, mode: str = "l2") -> torch.Tensor:
     """``permutahedron_projection(z, w, mode).gather(1, index[:, None])[:, 0]``, [B]; on the CPU (float32/64)
-    its backward costs O(block of the index) per row instead of O(n)."""
+    without the index sort (``losses.isotonic_label``)."""
     if z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64):
         return permutahedron_projection(z, w, mode).gather(1, index.view(-1, 1)).squeeze(1)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return _ProjectionAt.apply(z, w.to(z.dtype).expand_as(z), mode, index.long())
+    from losses.isotonic_label import ProjectionAt
+
+    return ProjectionAt.apply(z, w.to(z.dtype), mode, index.long())
 
 
 def permutahedron_projection(z: torch.Tensor, w: torch.Tensor, mode: str = "l2") -> torch.Tensor:
