@@ -39,10 +39,14 @@ _KERNEL = None
 
 
 def _cubic_block_value(s1: float, s2: float, s3: float, cnt: float, wsum: float, lo: float, hi: float) -> float:
-    """Root γ of S3 − 3γS2 + 3γ²S1 − cnt·γ³ = W (decreasing in γ) in [lo, hi]: Newton inside bisection."""
+    """Root γ of S3 − 3γS2 + 3γ²S1 − cnt·γ³ = W (decreasing in γ) in [lo, hi]: Newton inside bisection, to
+    machine precision or to the rounding noise of the expanded cubic, whichever comes first."""
     g = 0.5 * (lo + hi)
     for _ in range(200):
         f = s3 - 3 * g * s2 + 3 * g * g * s1 - cnt * g * g * g - wsum
+        # f at its rounding noise: done (else Newton bounces in the noise band to the step limit)
+        if abs(f) <= 1e-15 * (abs(s3) + 3 * abs(g * s2) + 3 * g * g * abs(s1) + cnt * abs(g * g * g) + abs(wsum)):
+            return g
         if f > 0:
             lo = g
         else:

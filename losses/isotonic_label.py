@@ -32,9 +32,10 @@ def _slope(u, mode: int, one):
 
 
 def _label_rows(neg: np.ndarray, zy: np.ndarray, w: np.ndarray, mode: int, out: np.ndarray, v: np.ndarray,
-                bounds: np.ndarray, den: np.ndarray) -> None:
+                bounds: np.ndarray, den: np.ndarray, ok: np.ndarray) -> None:
     """Per row of −z sorted ascending, neg [B, n] (the input's dtype): y at the label (value zy[b]) into out,
-    the rounded block value into v, the block's value range into bounds [B, 2] and Σ_B d into den."""
+    the rounded block value into v, the block's value range into bounds [B, 2], Σ_B d into den, and into ok
+    whether the last score is a block of its own."""
     batch, n = neg.shape
     x = np.empty(n)
     scratch = np.empty((7, n))
@@ -51,10 +52,18 @@ def _label_rows(neg: np.ndarray, zy: np.ndarray, w: np.ndarray, mode: int, out: 
             v[b] = np.nan
             bounds[b, 0], bounds[b, 1] = np.inf, -np.inf
             den[b] = 0
+            ok[b] = True
             continue
         wb = w[b] if w.shape[0] > 1 else w[0]
         top = isotonic._pav_row_jit(x, wb, mode, scratch[0], scratch[1], scratch[2], scratch[3], scratch[4],
                                     scratch[5], scratch[6], val, start)
+        ok[b] = start[top] == n - 1  # the last score is its own block (what a head-only row must check)
+        if target < x[n - 1]:  # below a head (rows of the largest scores, w = 0 beyond): u = 0, y = 0, d = 0
+            out[b], _ = _slope(target - target, mode, one)
+            v[b] = target
+            bounds[b, 0], bounds[b, 1] = np.inf, -np.inf
+            den[b] = 0
+            continue
         lo, hi = 0, n - 1  # first descending position holding a value ≤ target (= target: it is in the row)
         while lo < hi:
             mid = (lo + hi) // 2
@@ -122,6 +131,48 @@ def _kernels() -> dict:
     return _KERNELS
 
 
+def _solve(neg: np.ndarray, zy: np.ndarray, w_np: np.ndarray, mode: str) -> tuple:
+    """(out, v, bounds, den, ok) of ``_label_rows`` on rows of −z sorted ascending, neg [B, n]."""
+    batch = neg.shape[0]
+    out = np.empty(batch, dtype=neg.dtype)
+    v = np.empty(batch, dtype=neg.dtype)
+    bounds = np.empty((batch, 2), dtype=neg.dtype)
+    den = np.empty(batch, dtype=neg.dtype)
+    ok = np.empty(batch, dtype=np.bool_)
+    _kernels()["_label_rows"](neg, zy, w_np, isotonic._MODE_ID[mode], out, v, bounds, den, ok)
+    return out, v, bounds, den, ok
+
+
+def _solve_head(neg: np.ndarray, zy: np.ndarray, w_np: np.ndarray, mode: str, k: int) -> tuple:
+    """``_solve`` from the M largest scores of each row (−z: neg) when w is zero beyond its first k entries.
+
+    As in ``isotonic._project_head``: past the head every score is a singleton block (y = 0, no gradient),
+    which holds when the M-th largest is its own block and strictly above the (M+1)-th; a label below the
+    head gets y = 0. The head's values come from a partition (O(n)) and a sort of M + 1 values per row;
+    rows that need more get M ×4 while M ≤ n/4, then the full sort."""
+    batch, n = neg.shape
+    result = tuple(np.empty(shape, dtype) for shape, dtype in (
+        (batch, neg.dtype), (batch, neg.dtype), ((batch, 2), neg.dtype), (batch, neg.dtype), (batch, np.bool_)))
+    nan_rows = np.isnan(neg).any(1)  # NaN rows: the full sort (NaN last)
+    rows = np.flatnonzero(~nan_rows)
+    m = max(isotonic.HEAD_MIN, 4 * k)
+    while m * 4 <= n and rows.size:
+        part = neg if rows.size == batch else neg[rows]
+        head = np.sort(np.partition(part, m, axis=1)[:, :m + 1], axis=1)
+        done = _solve(np.ascontiguousarray(head[:, :m]), zy[rows], np.ascontiguousarray(w_np[:, :m]), mode)
+        good = done[4] & (head[:, m - 1] < head[:, m])
+        for store, value in zip(result, done):
+            store[rows[good]] = value[good]
+        rows = rows[~good]
+        m *= 4
+    full = np.union1d(rows, np.flatnonzero(nan_rows))
+    if full.size:
+        done = _solve(np.sort(neg[full], axis=1), zy[full], w_np, mode)
+        for store, value in zip(result, done):
+            store[full] = value
+    return result
+
+
 class ProjectionAt(torch.autograd.Function):
     """(z [B, n] float32/64 on the CPU, w [n] or [B, n] descending, mode, index [B]) -> y[b, index[b]], [B]."""
 
@@ -131,13 +182,14 @@ class ProjectionAt(torch.autograd.Function):
         idx = np.ascontiguousarray(index.numpy(), dtype=np.int64)
         w_rows = w.reshape(1, -1) if w.dim() == 1 else (w[:1] if w.stride(0) == 0 else w)
         w_np = np.ascontiguousarray(w_rows.detach().double().numpy())
-        batch = z_np.shape[0]
-        out = np.empty(batch, dtype=z_np.dtype)
-        v = np.empty(batch, dtype=z_np.dtype)
-        bounds = np.empty((batch, 2), dtype=z_np.dtype)
-        den = np.empty(batch, dtype=z_np.dtype)
-        _kernels()["_label_rows"](np.sort(-z_np, axis=1), z_np[np.arange(batch), idx], w_np,
-                                  isotonic._MODE_ID[mode], out, v, bounds, den)
+        zy = z_np[np.arange(z_np.shape[0]), idx]
+        neg = -z_np
+        k = isotonic._sparse_head(w_np, mode, z_np.shape[1])
+        if k:
+            out, v, bounds, den, _ = _solve_head(neg, zy, w_np, mode, k)
+        else:
+            neg.sort(axis=1)
+            out, v, bounds, den, _ = _solve(neg, zy, w_np, mode)
         ctx.mode = isotonic._MODE_ID[mode]
         ctx.save_for_backward(z, index, torch.from_numpy(v), torch.from_numpy(bounds), torch.from_numpy(den))
         return torch.from_numpy(out)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from harness.registry import Log, Param, register_loss
-from losses.isotonic import permutahedron_projection
+from losses.isotonic import permutahedron_projection, projection_at
 from losses.topk_ce import TopKCrossEntropy, topk_ce_params
 
 P_NORMS = ("4/3", "2")
@@ -71,4 +71,5 @@ class SparseTopKLoss(TopKCrossEntropy):
 
     def label_mass(self, s: torch.Tensor, labels: torch.Tensor, ks: list[int], weights: list[float]) -> torch.Tensor:
         w = self.rank_weights(s.shape[1], s.dtype, s.device)
-        return sparse_topk(s, w, self.epsilon, self.p).gather(1, labels.unsqueeze(1)).squeeze(1)
+        # = sparse_topk(s, w, ε, p) at the label, without the index sort (losses.isotonic_label)
+        return projection_at(s / self.epsilon, w, labels, "l2" if self.p == "2" else "p4/3")
