@@ -126,12 +126,165 @@ class _LML(torch.autograd.Function):
         return d * (grad - coupling), None
 
 
-def lml(x: torch.Tensor, k: float, tau: float = 1.0) -> torch.Tensor:
-    """LML_k(x/τ): [B, n] in [0, 1] with rows summing to k (0 < k < n)."""
+def _jth_largest(x: np.ndarray, j: int, buf: np.ndarray) -> float:
+    """The j-th largest entry of x (j ≤ len(x)): one pass keeping the j largest in an ascending buffer."""
+    for i in range(j):
+        buf[i] = -np.inf
+    for i in range(x.shape[0]):
+        v = x[i]
+        if v > buf[0]:
+            pos = 0
+            while pos + 1 < j and buf[pos + 1] < v:
+                buf[pos] = buf[pos + 1]
+                pos += 1
+            buf[pos] = v
+    return buf[0]
+
+
+def _label_rows(e: np.ndarray, k: float, lo: np.ndarray, hi: np.ndarray, ey: np.ndarray, out: np.ndarray,
+                state: np.ndarray) -> None:
+    """Per row of e = exp(x − max x) [B, n] (float64): t = e^{ν − max x} with Σ_i e_i/(e_i + t) = k by Halley's
+    method on log Σ in u = log t, kept inside the bracket [lo, hi] (bisection where a step leaves it), to
+    |Σ − k| ≤ 1e−12·n (or one last step from |Σ − k| ≤ 1e−5·min(k, n − k): cubic convergence makes it exact
+    to rounding, unevaluated); the label's probability e_y/(e_y + t) into out, t into state [B].
+
+    Σ_i σ(x_i − ν) = Σ e_i/(e_i + t): one division per score and step, no exp (the exps are the caller's
+    one vectorised pass). log Σ is nearly linear in u where the masses are small, so Halley on it from
+    the upper end of the bracket takes two or three steps. Lower bound t ≥ e_(j)·(j − k)/k (the j > k largest
+    have σ ≥ k/j there); scores with e_i ≤ 1e−9·t_lo enter only through Σe and Σe² (σ = r − r² + O(r³),
+    r = e_i/t ≤ 1e−9: exact to rounding), so a step reads only the others."""
+    batch, n = e.shape
+    tol = 1e-12 * n
+    j = min(n, 2 * int(np.ceil(k)))
+    buf = np.empty(j)
+    head = np.empty(n)
+    for row in range(batch):
+        x = e[row]
+        a, b = lo[row], hi[row]
+        if j > k:
+            a = max(a, min(b, np.log(_jth_largest(x, j, buf) * (j - k) / k)))
+        cut = 1e-9 * np.exp(a)
+        s1, s2, m = 0.0, 0.0, 0
+        for i in range(n):
+            if x[i] > cut:
+                head[m] = x[i]
+                m += 1
+            else:
+                s1 += x[i]
+                s2 += x[i] * x[i]
+        u = b
+        for _ in range(MAX_STEPS):
+            t = np.exp(u)
+            r1, r2 = s1 / t, s2 / (t * t)
+            f, slope, curve = r1 - r2, r1 - 2 * r2, r1 - 4 * r2  # F, −F', F'' of the tail to O(r³)
+            for i in range(m):
+                p = head[i] / (head[i] + t)
+                q = p - p * p
+                f += p
+                slope += q
+                curve += q - 2 * p * q
+            if abs(f - k) <= tol:
+                break
+            if f > k:
+                a = u
+            else:
+                b = u
+            if slope > 0 and f > 0:  # Halley on g(u) = log F − log k: g' = −slope/F, g'' = curve/F − g'²
+                g, g1 = np.log(f / k), -slope / f
+                g2 = curve / f - g1 * g1
+                step = u - 2 * g * g1 / (2 * g1 * g1 - g * g2)
+            else:
+                step = 0.5 * (a + b)
+            last = a < step < b and abs(f - k) <= 1e-5 * min(k, n - k)  # one more step is cubically exact
+            u = step if a < step < b else 0.5 * (a + b)
+            if last or b - a <= 1e-15 * max(1.0, abs(u)):
+                break
+        t = np.exp(u)
+        out[row] = ey[row] / (ey[row] + t)
+        state[row] = t
+
+
+def _label_backward(e: np.ndarray, state: np.ndarray, g: np.ndarray, p_y: np.ndarray, out: np.ndarray) -> None:
+    """(Jᵀg)_j = d_j·(δ_jy·g − d_y·g/Σd), d = p(1 − p), p_j = e_j/(e_j + t_b), for g[b] at the label only (the
+    label's own term is the caller's); out in its dtype, Σd in float64."""
+    batch, n = e.shape
+    for row in range(batch):
+        t = state[row]
+        total = 0.0
+        for j in range(n):
+            p = e[row, j] / (e[row, j] + t)
+            d = p - p * p
+            total += d
+            out[row, j] = d
+        d_y = p_y[row] - p_y[row] * p_y[row]
+        c = -(d_y * g[row] / total) if total > 0 else 0.0
+        for j in range(n):
+            out[row, j] *= c
+
+
+_LABEL_KERNELS: dict = {}
+
+
+def _label_kernels() -> dict:
+    if not _LABEL_KERNELS:
+        import numba
+
+        globals()["_jth_largest"] = numba.njit(cache=True)(_jth_largest)
+        _LABEL_KERNELS["rows"] = numba.njit(cache=True, fastmath={"reassoc", "contract"})(_label_rows)
+        _LABEL_KERNELS["backward"] = numba.njit(cache=True, fastmath={"reassoc", "contract"})(_label_backward)
+    return _LABEL_KERNELS
+
+
+class _LMLAt(torch.autograd.Function):
+    """(x [B, n] float32/64 on the CPU, rows spanning ≤ FAST_RANGE, k, index [B]) -> LML_k(x)[b, index[b]], [B].
+
+    Backward (implicit function, as ``_LML``) for a gradient at the label only: with d = p(1 − p),
+    (Jᵀg)_j = d_j·(δ_jy·g − d_y·g/Σd), from the saved e = exp(x − max x) and t (two passes over the row)."""
+
+    @staticmethod
+    def forward(ctx, x, k: float, index):  # type: ignore[override]
+        kernels = _label_kernels()
+        x64 = x.detach().numpy().astype(np.float64)
+        top = x64.max(1)
+        low = x64.min(1)
+        x64 -= top[:, None]
+        np.exp(x64, out=x64)  # e = exp(x − max): one vectorised pass
+        n = x64.shape[1]
+        rows = np.arange(x64.shape[0])
+        idx = index.numpy()
+        log_ratio = np.log(k / (n - k))
+        lo = low - top - log_ratio  # u = ν − max x within [min x, max x] − logit(k/n)
+        hi = np.minimum(-log_ratio, np.log(x64.sum(1) / k))  # Σ e/(e+t) ≤ Σ e/t: an upper bound too
+        lo = np.minimum(lo, hi)
+        out = np.empty(x64.shape[0])
+        state = np.empty(x64.shape[0])
+        kernels["rows"](x64, float(k), lo, hi, np.ascontiguousarray(x64[rows, idx]), out, state)
+        ctx.save_for_backward(torch.from_numpy(x64), torch.from_numpy(state), torch.from_numpy(out), index)
+        ctx.dtype = x.dtype
+        return torch.from_numpy(out).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        e, state, p_y, index = ctx.saved_tensors
+        g = np.ascontiguousarray(grad.detach().double().numpy())
+        out = np.empty(tuple(e.shape), dtype=np.float32 if ctx.dtype == torch.float32 else np.float64)
+        _label_kernels()["backward"](e.numpy(), state.numpy(), g, p_y.numpy(), out)
+        p = p_y.numpy()
+        out[np.arange(out.shape[0]), index.numpy()] += p * (1 - p) * g
+        return torch.from_numpy(out), None, None
+
+
+def lml_at(x: torch.Tensor, k: float, index: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """``lml(x, k, tau)`` at one class per row (index [B]), [B]; on the CPU without the [B, n] output."""
     n = x.shape[1]
     if not 0 < k < n:
         raise ValueError(f"LML needs 0 < k < n={n}, got k={k}")
-    return _LML.apply(x / tau, float(k))
+    y = x if tau == 1 else x / tau
+    if y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64):
+        values = y.detach().numpy()
+        if float(np.ptp(values, axis=1).max()) <= FAST_RANGE:  # (NaN fails too) else the general path
+            return _LMLAt.apply(y, float(k), index.long())
+    return _LML.apply(y, float(k)).gather(1, index.view(-1, 1)).squeeze(1)
 
 
 @register_loss(
@@ -155,5 +308,4 @@ class LMLLoss(TopKCrossEntropy):
         self.tau = float(tau)
 
     def label_mass(self, s: torch.Tensor, labels: torch.Tensor, ks: list[int], weights: list[float]) -> torch.Tensor:
-        y = labels.unsqueeze(1)
-        return sum(w * lml(s, k, self.tau).gather(1, y).squeeze(1) for k, w in zip(ks, weights))
+        return sum(w * lml_at(s, k, labels, self.tau) for k, w in zip(ks, weights))
