@@ -287,6 +287,14 @@ def lml_at(x: torch.Tensor, k: float, index: torch.Tensor, tau: float = 1.0) -> 
     return _LML.apply(y, float(k)).gather(1, index.view(-1, 1)).squeeze(1)
 
 
+def lml(x: torch.Tensor, k: float, tau: float = 1.0) -> torch.Tensor:
+    """LML_k(x/τ): [B, n] in [0, 1] with rows summing to k (0 < k < n)."""
+    n = x.shape[1]
+    if not 0 < k < n:
+        raise ValueError(f"LML needs 0 < k < n={n}, got k={k}")
+    return _LML.apply(x / tau, float(k))
+
+
 @register_loss(
     "lml",
     family="lml",
