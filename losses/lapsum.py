@@ -26,8 +26,6 @@ Choices the paper leaves open, and ours:
 """
 from __future__ import annotations
 
-from math import ceil
-
 import numpy as np
 import torch
 
@@ -132,37 +130,47 @@ class _LapSumThreshold(torch.autograd.Function):
         return grad_s, grad_k, grad_alpha
 
 
-def _label_thresholds(x: np.ndarray, e: np.ndarray, top_x: np.ndarray, top_e: np.ndarray, ks: np.ndarray,
-                      out: np.ndarray, state: np.ndarray) -> None:
+CHUNK = 16  # scores per chunk of the candidate bound in _label_thresholds
+_kth_largest = None  # losses.select._kth_largest, compiled on first use
+
+
+def _label_thresholds(x: np.ndarray, e: np.ndarray, ks: np.ndarray, out: np.ndarray, state: np.ndarray) -> None:
     """b' [B, J] with Σ_i F(x_i − b') = ks[j] for rows x [B, n] (scores / α) and e = exp(x − max x), float64,
-    without a sort; top_x, top_e: x and e at the 2·max k largest scores of each row; (T = e^{b' − max x},
-    Σ_i e^{−|x_i − b'|}) per threshold into state [B, J, 2].
+    without a sort; (T = e^{b' − max x}, Σ_i e^{−|x_i − b'|}) per threshold into state [B, J, 2].
 
     On a segment between consecutive scores Σ F = c + ½A/T − ½B·T (c scores above b', A = Σ_below e_i,
     B = Σ_above 1/e_i): solving that model for T from the current segment gives b'_new ≥ b'* (each term's
     model majorises F, cosh ≥ 1), so from b'_0 = log(Σe/2k) + max x (every score below) the iterates
     decrease to the root, exact once the segment stops changing. b'* ≥ x_(2k) (the 2k largest scores have
-    F ≥ ½ there), so only the 2k largest scores can be above b': the steps read only those."""
+    F ≥ ½ there) ≥ L, the 2k-th largest maximum of chunks of CHUNK scores; so only scores above L can be
+    above b': one pass collects them (and Σe over the rest), the steps read only those."""
     batch, n = x.shape
     jmax = ks.shape[0]
-    top = top_x.shape[1]
+    need = min(n, 2 * int(np.ceil(ks.max())))
+    chunks = (n + CHUNK - 1) // CHUNK
+    maxima = np.empty(chunks)
+    cand_x = np.empty(n)
+    cand_e = np.empty(n)
     for row in range(batch):
         xs, es = x[row], e[row]
-        cand_x, cand_e = top_x[row], top_e[row]
-        low = cand_x.min()
-        total, rest, ties = 0.0, 0.0, 0
-        for i in range(n):  # Σe, and Σe over the scores not among the candidates (no cancellation)
+        low = -np.inf
+        if chunks > need:
+            for c in range(chunks):
+                m = xs[c * CHUNK]
+                for i in range(c * CHUNK + 1, min(n, c * CHUNK + CHUNK)):
+                    m = max(m, xs[i])
+                maxima[c] = m
+            low = _kth_largest(maxima, need)
+        total, rest, top, shift = 0.0, 0.0, 0, -np.inf
+        for i in range(n):
             total += es[i]
-            if xs[i] < low:
+            if xs[i] > low:
+                cand_x[top] = xs[i]
+                cand_e[top] = es[i]
+                top += 1
+                shift = max(shift, xs[i])
+            else:
                 rest += es[i]
-            ties += xs[i] == low
-        low_e = 0.0
-        for i in range(top):
-            if cand_x[i] == low:
-                ties -= 1
-                low_e = cand_e[i]
-        rest += ties * low_e  # scores tied with the lowest candidate but not selected
-        shift = xs.max()
         for j in range(jmax):
             k = ks[j]
             t = total / (2 * k)
@@ -193,15 +201,13 @@ def _label_threshold_backward(x: np.ndarray, e: np.ndarray, b: np.ndarray, state
     """out[b, i] = Σ_j grad[b, j]·e^{−|x_i − b'_j|}/Σ_l e^{−|x_l − b'_j|} (∂b/∂s, the implicit function)."""
     batch, n = x.shape
     for row in range(batch):
-        for i in range(n):
-            out[row, i] = 0
         for j in range(b.shape[1]):
             t, c = state[row, j, 0], grad[row, j] / state[row, j, 1]
-            bj = b[row, j]
+            below, bj = c / t, b[row, j]  # e^{x_i − b'} = e_i/T below b', T/e_i above
             for i in range(n):
                 ei = e[row, i]
-                f = ei / t if x[row, i] <= bj else t / ei
-                out[row, i] += c * f
+                f = ei * below if x[row, i] <= bj else c * t / ei
+                out[row, i] = f if j == 0 else out[row, i] + f
 
 
 _LABEL_KERNELS: dict = {}
@@ -212,24 +218,24 @@ class _LapSumFixed(torch.autograd.Function):
     Σ_i F((s_i − b)/α) = k_j; gradient in s only (the loss's k and α are constants)."""
 
     @staticmethod
-    def forward(ctx, s, ks: tuple, alpha: float):  # type: ignore[override]
+    def forward(ctx, s, ks: tuple, alpha: float, top):  # type: ignore[override]
         if not _LABEL_KERNELS:
             import numba
 
-            _LABEL_KERNELS["rows"] = numba.njit(cache=True)(_label_thresholds)
+            from losses import select
+
+            kth = getattr(select._kth_largest, "py_func", select._kth_largest)
+            globals()["_kth_largest"] = numba.njit(cache=True, inline="always")(kth)
+            _LABEL_KERNELS["rows"] = numba.njit(cache=True, fastmath={"reassoc", "contract"})(_label_thresholds)
             _LABEL_KERNELS["backward"] = numba.njit(cache=True, fastmath={"contract"})(_label_threshold_backward)
         x = s.detach().numpy().astype(np.float64)
         if alpha != 1:
             x /= alpha
-        e = x - x.max(1, keepdims=True)
+        e = x - (top.astype(np.float64) / alpha if alpha != 1 else top.astype(np.float64))[:, None]
         np.exp(e, out=e)
         b = np.empty((x.shape[0], len(ks)))
         state = np.empty((x.shape[0], len(ks), 2))
-        from losses.select import top_indices
-
-        top = np.ascontiguousarray(top_indices(x, np.full(x.shape[0], -1), min(x.shape[1], 2 * ceil(max(ks)))))
-        _LABEL_KERNELS["rows"](x, e, np.take_along_axis(x, top, 1), np.take_along_axis(e, top, 1),
-                               np.asarray(ks, dtype=np.float64), b, state)
+        _LABEL_KERNELS["rows"](x, e, np.asarray(ks, dtype=np.float64), b, state)
         ctx.save_for_backward(*(torch.from_numpy(a) for a in (x, e, b, state)))
         ctx.alpha, ctx.dtype = alpha, s.dtype
         return torch.from_numpy(b * alpha).to(s.dtype)
@@ -239,7 +245,7 @@ class _LapSumFixed(torch.autograd.Function):
         x, e, b, state = (a.numpy() for a in ctx.saved_tensors)
         out = np.empty(x.shape, dtype=np.float32 if ctx.dtype == torch.float32 else np.float64)
         _LABEL_KERNELS["backward"](x, e, b, state, np.ascontiguousarray(grad_b.detach().double().numpy()), out)
-        return torch.from_numpy(out), None, None
+        return torch.from_numpy(out), None, None, None
 
 
 def lapsum_thresholds_fixed(s: torch.Tensor, ks: list[float], alpha: float) -> torch.Tensor:
@@ -249,8 +255,10 @@ def lapsum_thresholds_fixed(s: torch.Tensor, ks: list[float], alpha: float) -> t
     if any(not 0 < k < n for k in ks) or not alpha > 0:
         raise ValueError(f"LapSum needs 0 < k < n={n} and alpha > 0")
     if s.device.type == "cpu" and s.dtype in (torch.float32, torch.float64):
-        if float(np.ptp(s.detach().numpy(), axis=1).max()) <= 600 * alpha:  # e = exp(x − max x) stays normal
-            return _LapSumFixed.apply(s, tuple(float(k) for k in ks), float(alpha))
+        values = s.detach().numpy()
+        top = values.max(1)
+        if float((top - values.min(1)).max()) <= 600 * alpha:  # e = exp(x − max x) stays normal (NaN: not)
+            return _LapSumFixed.apply(s, tuple(float(k) for k in ks), float(alpha), top)
     k = torch.tensor(ks, dtype=s.dtype, device=s.device).expand(s.shape[0], len(ks))
     return lapsum_threshold(s, k, alpha)
 
