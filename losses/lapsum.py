@@ -134,79 +134,72 @@ CHUNK = 16  # scores per chunk of the candidate bound in _label_thresholds
 _kth_largest = None  # losses.select._kth_largest, compiled on first use
 
 
-def _label_thresholds(x: np.ndarray, e: np.ndarray, ks: np.ndarray, out: np.ndarray, state: np.ndarray) -> None:
-    """b' [B, J] with Σ_i F(x_i − b') = ks[j] for rows x [B, n] (scores / α) and e = exp(x − max x), float64,
-    without a sort; (T = e^{b' − max x}, Σ_i e^{−|x_i − b'|}) per threshold into state [B, J, 2].
+def _label_thresholds(e: np.ndarray, ks: np.ndarray, state: np.ndarray) -> None:
+    """T = e^{b' − max x} [B, J] with Σ_i F(x_i − b') = ks[j] for rows e = exp(x − max x) [B, n] (x = scores/α),
+    float64, without a sort; (T, Σ_i e^{−|x_i − b'|}) per threshold into state [B, J, 2].
 
-    On a segment between consecutive scores Σ F = c + ½A/T − ½B·T (c scores above b', A = Σ_below e_i,
-    B = Σ_above 1/e_i): solving that model for T from the current segment gives b'_new ≥ b'* (each term's
-    model majorises F, cosh ≥ 1), so from b'_0 = log(Σe/2k) + max x (every score below) the iterates
-    decrease to the root, exact once the segment stops changing. b'* ≥ x_(2k) (the 2k largest scores have
-    F ≥ ½ there) ≥ L, the 2k-th largest maximum of chunks of CHUNK scores; so only scores above L can be
-    above b': one pass collects them (and Σe over the rest), the steps read only those."""
-    batch, n = x.shape
+    On a segment between consecutive scores Σ F = c + ½A/T − ½B·T (c scores above b', i.e. e_i > T;
+    A = Σ_below e_i, B = Σ_above 1/e_i): solving that model for T from the current segment gives
+    b'_new ≥ b'* (each term's model majorises F, cosh ≥ 1), so from T_0 = Σe/2k (every score below) the
+    iterates decrease to the root, exact once the segment stops changing. b'* ≥ x_(2k) (the 2k largest
+    scores have F ≥ ½ there) ≥ L, the 2k-th largest maximum of chunks of CHUNK scores; so only scores
+    above L can be above b': one pass collects them (and Σe over the rest), the steps read only those."""
+    batch, n = e.shape
     jmax = ks.shape[0]
     need = min(n, 2 * int(np.ceil(ks.max())))
     chunks = (n + CHUNK - 1) // CHUNK
     maxima = np.empty(chunks)
-    cand_x = np.empty(n)
-    cand_e = np.empty(n)
+    cand = np.empty(n)
     for row in range(batch):
-        xs, es = x[row], e[row]
-        low = -np.inf
+        es = e[row]
+        low = -1.0
         if chunks > need:
             for c in range(chunks):
-                m = xs[c * CHUNK]
+                m = es[c * CHUNK]
                 for i in range(c * CHUNK + 1, min(n, c * CHUNK + CHUNK)):
-                    m = max(m, xs[i])
+                    m = max(m, es[i])
                 maxima[c] = m
             low = _kth_largest(maxima, need)
-        total, rest, top, shift = 0.0, 0.0, 0, -np.inf
+        total, rest, top = 0.0, 0.0, 0
         for i in range(n):
             total += es[i]
-            if xs[i] > low:
-                cand_x[top] = xs[i]
-                cand_e[top] = es[i]
+            if es[i] > low:
+                cand[top] = es[i]
                 top += 1
-                shift = max(shift, xs[i])
             else:
                 rest += es[i]
         for j in range(jmax):
             k = ks[j]
             t = total / (2 * k)
-            count = -1
+            count, a, bb = -1, rest, 0.0
             for _ in range(top + 2):
                 c, a, bb = 0, rest, 0.0
-                b = shift + np.log(t)
                 for i in range(top):
-                    if cand_x[i] > b:
+                    if cand[i] > t:
                         c += 1
-                        bb += 1.0 / cand_e[i]
+                        bb += 1.0 / cand[i]
                     else:
-                        a += cand_e[i]
+                        a += cand[i]
                 if c == count:
                     break
                 count = c
                 gap = k - c
                 root = np.sqrt(gap * gap + a * bb)
                 t = a / (gap + root) if gap > 0 else ((root - gap) / bb if bb > 0 else t)
-            b = shift + np.log(t)
-            out[row, j] = b
             state[row, j, 0] = t
             state[row, j, 1] = a / t + bb * t
 
 
-def _label_threshold_backward(x: np.ndarray, e: np.ndarray, b: np.ndarray, state: np.ndarray,
-                              grad: np.ndarray, out: np.ndarray) -> None:
+def _label_threshold_backward(e: np.ndarray, state: np.ndarray, grad: np.ndarray, out: np.ndarray) -> None:
     """out[b, i] = Σ_j grad[b, j]·e^{−|x_i − b'_j|}/Σ_l e^{−|x_l − b'_j|} (∂b/∂s, the implicit function)."""
-    batch, n = x.shape
+    batch, n = e.shape
     for row in range(batch):
-        for j in range(b.shape[1]):
+        for j in range(state.shape[1]):
             t, c = state[row, j, 0], grad[row, j] / state[row, j, 1]
-            below, bj = c / t, b[row, j]  # e^{x_i − b'} = e_i/T below b', T/e_i above
+            below = c / t  # e^{x_i − b'} = e_i/T below b', T/e_i above
             for i in range(n):
                 ei = e[row, i]
-                f = ei * below if x[row, i] <= bj else c * t / ei
+                f = ei * below if ei <= t else c * t / ei
                 out[row, i] = f if j == 0 else out[row, i] + f
 
 
@@ -228,23 +221,23 @@ class _LapSumFixed(torch.autograd.Function):
             globals()["_kth_largest"] = numba.njit(cache=True, inline="always")(kth)
             _LABEL_KERNELS["rows"] = numba.njit(cache=True, fastmath={"reassoc", "contract"})(_label_thresholds)
             _LABEL_KERNELS["backward"] = numba.njit(cache=True, fastmath={"contract"})(_label_threshold_backward)
-        x = s.detach().numpy().astype(np.float64)
+        e = s.detach().numpy().astype(np.float64)
+        e -= top.astype(np.float64)[:, None]
         if alpha != 1:
-            x /= alpha
-        e = x - (top.astype(np.float64) / alpha if alpha != 1 else top.astype(np.float64))[:, None]
-        np.exp(e, out=e)
-        b = np.empty((x.shape[0], len(ks)))
-        state = np.empty((x.shape[0], len(ks), 2))
-        _LABEL_KERNELS["rows"](x, e, np.asarray(ks, dtype=np.float64), b, state)
-        ctx.save_for_backward(*(torch.from_numpy(a) for a in (x, e, b, state)))
-        ctx.alpha, ctx.dtype = alpha, s.dtype
-        return torch.from_numpy(b * alpha).to(s.dtype)
+            e /= alpha
+        np.exp(e, out=e)  # e = exp(x − max x), x = s/α: one vectorised pass, the only [B, n] temporary
+        state = np.empty((e.shape[0], len(ks), 2))
+        _LABEL_KERNELS["rows"](e, np.asarray(ks, dtype=np.float64), state)
+        ctx.save_for_backward(torch.from_numpy(e), torch.from_numpy(state))
+        ctx.dtype = s.dtype
+        b = top.astype(np.float64)[:, None] + alpha * np.log(state[:, :, 0])
+        return torch.from_numpy(b).to(s.dtype)
 
     @staticmethod
     def backward(ctx, grad_b):  # type: ignore[override]
-        x, e, b, state = (a.numpy() for a in ctx.saved_tensors)
-        out = np.empty(x.shape, dtype=np.float32 if ctx.dtype == torch.float32 else np.float64)
-        _LABEL_KERNELS["backward"](x, e, b, state, np.ascontiguousarray(grad_b.detach().double().numpy()), out)
+        e, state = (a.numpy() for a in ctx.saved_tensors)
+        out = np.empty(e.shape, dtype=np.float32 if ctx.dtype == torch.float32 else np.float64)
+        _LABEL_KERNELS["backward"](e, state, np.ascontiguousarray(grad_b.detach().double().numpy()), out)
         return torch.from_numpy(out), None, None, None
 
 
