@@ -3,8 +3,9 @@
 Losses that read the projection at the label only (the soft rank of the label, the sparse top-k mass of
 the label) need y[b, index[b]] = ∇Ω*(z_y − v_B) and, for the backward, the label's block B. Tied scores
 always share a PAV block (w is non-increasing, so a tie's later element never has a smaller block
-value), hence B is the set of scores in the value range [s_last(B), s_first(B)] of the sorted row, and
-no index permutation is needed:
+value; should rounding put a tie across a block boundary, the tie is kept in the label's block), hence B
+is the set of scores in the value range [s_last(B), s_first(B)] of the sorted row, and no index
+permutation is needed:
 
 * forward: sort the *values* of each row, of −z (ascending −z is descending z; numpy's vectorised sort,
   several times faster than an argsort or a sort of 64-bit index keys), run PAV on them (the same
@@ -78,18 +79,22 @@ def _label_rows(neg: np.ndarray, zy: np.ndarray, w: np.ndarray, mode: int, out: 
                 first = mid
             else:
                 last = mid - 1
-        stop = start[first + 1] if first < top else n
+        begin, stop = start[first], start[first + 1] if first < top else n
+        while begin > 0 and x[begin - 1] == x[begin]:  # ties split by rounding (a block value a hair off the
+            begin -= 1  # tied score): the block is the value range, all ties in it
+        while stop < n and x[stop] == x[stop - 1]:
+            stop += 1
         rounded[0] = val[first]
         vb = rounded[0]
         out[b], _ = _slope(target - vb, mode, one)
         v[b] = vb
-        bounds[b, 0], bounds[b, 1] = -neg[b, stop - 1], -neg[b, start[first]]
+        bounds[b, 0], bounds[b, 1] = -neg[b, stop - 1], -neg[b, begin]
         total = vb * 0
         if mode == 0:  # d = 1
-            for _ in range(start[first], stop):
+            for _ in range(begin, stop):
                 total += one
         else:
-            for i in range(start[first], stop):
+            for i in range(begin, stop):
                 _, d = _slope(-neg[b, i] - vb, mode, one)
                 total += d
         den[b] = total
