@@ -32,6 +32,32 @@ def _slope(u, mode: int, one):
     return u * u * u, (one + one + one) * (u * u)
 
 
+def _pav_l2_neg(neg: np.ndarray, wb: np.ndarray, a1: np.ndarray, a2: np.ndarray, val: np.ndarray,
+                start: np.ndarray) -> int:
+    """``isotonic._pav_row`` for l2 on x = −neg (ascending neg: x descending), read without a float64 copy."""
+    n = neg.shape[0]
+    top = -1
+    first = -np.float64(neg[0])
+    cur_start, cur_sum, cur_cnt, cur_val = 0, first - wb[0], 1.0, first - wb[0]
+    for i in range(1, n):
+        xi = -np.float64(neg[i]) - wb[i]
+        if cur_val > xi:
+            top += 1
+            start[top], a1[top], a2[top], val[top] = cur_start, cur_sum, cur_cnt, cur_val
+            cur_start, cur_sum, cur_cnt, cur_val = i, xi, 1.0, xi
+            continue
+        cur_sum += xi
+        cur_cnt += 1.0
+        cur_val = cur_sum / cur_cnt
+        while top >= 0 and val[top] <= cur_val:
+            cur_start, cur_sum, cur_cnt = start[top], a1[top] + cur_sum, a2[top] + cur_cnt
+            cur_val = cur_sum / cur_cnt
+            top -= 1
+    top += 1
+    start[top], a1[top], a2[top], val[top] = cur_start, cur_sum, cur_cnt, cur_val
+    return top
+
+
 def _label_rows(neg: np.ndarray, zy: np.ndarray, w: np.ndarray, mode: int, out: np.ndarray, v: np.ndarray,
                 bounds: np.ndarray, den: np.ndarray, ok: np.ndarray) -> None:
     """Per row of −z sorted ascending, neg [B, n] (the input's dtype): y at the label (value zy[b]) into out,
@@ -45,10 +71,8 @@ def _label_rows(neg: np.ndarray, zy: np.ndarray, w: np.ndarray, mode: int, out: 
     rounded = np.empty_like(neg[0, :1])  # casts to the input dtype on assignment
     one = np.ones_like(neg[0, :1])[0]
     for b in range(batch):
-        for i in range(n):
-            x[i] = -neg[b, i]  # z descending, float64
         target = zy[b]
-        if np.isnan(x[n - 1]) or np.isnan(target):  # NaN sorts last: propagate it, no gradient
+        if np.isnan(neg[b, n - 1]) or np.isnan(target):  # NaN sorts last: propagate it, no gradient
             out[b] = np.nan
             v[b] = np.nan
             bounds[b, 0], bounds[b, 1] = np.inf, -np.inf
@@ -56,10 +80,15 @@ def _label_rows(neg: np.ndarray, zy: np.ndarray, w: np.ndarray, mode: int, out: 
             ok[b] = True
             continue
         wb = w[b] if w.shape[0] > 1 else w[0]
-        top = isotonic._pav_row_jit(x, wb, mode, scratch[0], scratch[1], scratch[2], scratch[3], scratch[4],
-                                    scratch[5], scratch[6], val, start)
+        if mode == 0:  # l2 reads −neg directly (same arithmetic as _pav_row: one copy pass less)
+            top = _pav_l2_neg(neg[b], wb, scratch[0], scratch[1], val, start)
+        else:
+            for i in range(n):
+                x[i] = -neg[b, i]  # z descending, float64
+            top = isotonic._pav_row_jit(x, wb, mode, scratch[0], scratch[1], scratch[2], scratch[3], scratch[4],
+                                        scratch[5], scratch[6], val, start)
         ok[b] = start[top] == n - 1  # the last score is its own block (what a head-only row must check)
-        if target < x[n - 1]:  # below a head (rows of the largest scores, w = 0 beyond): u = 0, y = 0, d = 0
+        if target < -neg[b, n - 1]:  # below a head (rows of the largest scores, w = 0 beyond): u = 0, y = 0, d = 0
             out[b], _ = _slope(target - target, mode, one)
             v[b] = target
             bounds[b, 0], bounds[b, 1] = np.inf, -np.inf
@@ -68,7 +97,7 @@ def _label_rows(neg: np.ndarray, zy: np.ndarray, w: np.ndarray, mode: int, out: 
         lo, hi = 0, n - 1  # first descending position holding a value ≤ target (= target: it is in the row)
         while lo < hi:
             mid = (lo + hi) // 2
-            if x[mid] > target:
+            if -neg[b, mid] > target:
                 lo = mid + 1
             else:
                 hi = mid
@@ -80,9 +109,9 @@ def _label_rows(neg: np.ndarray, zy: np.ndarray, w: np.ndarray, mode: int, out: 
             else:
                 last = mid - 1
         begin, stop = start[first], start[first + 1] if first < top else n
-        while begin > 0 and x[begin - 1] == x[begin]:  # ties split by rounding (a block value a hair off the
+        while begin > 0 and neg[b, begin - 1] == neg[b, begin]:  # ties split by rounding (a block value a hair off the
             begin -= 1  # tied score): the block is the value range, all ties in it
-        while stop < n and x[stop] == x[stop - 1]:
+        while stop < n and neg[b, stop] == neg[b, stop - 1]:
             stop += 1
         rounded[0] = val[first]
         vb = rounded[0]
@@ -131,6 +160,7 @@ def _kernels() -> dict:
 
         isotonic._kernel()  # compiles _pav_row
         globals()["_slope"] = numba.njit(cache=True, inline="always")(_slope)
+        globals()["_pav_l2_neg"] = numba.njit(cache=True)(_pav_l2_neg)
         for name in ("_label_rows", "_label_backward"):
             _KERNELS[name] = numba.njit(cache=True)(globals()[name])
     return _KERNELS

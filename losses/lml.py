@@ -28,6 +28,7 @@ from losses.topk_ce import TopKCrossEntropy, topk_ce_params
 
 MAX_STEPS = 100
 FAST_RANGE = 600.0  # rows whose scores span at most this use the exp-free Newton steps (no overflow)
+NARROW = 20.0  # label path: rows spanning at most this have no tail below 1e−9·t to split off
 
 
 def _newton(y, k: float, lo: float, hi: float, scaled, shift: float, fast: bool) -> float:
@@ -141,8 +142,8 @@ def _jth_largest(x: np.ndarray, j: int, buf: np.ndarray) -> float:
     return buf[0]
 
 
-def _label_rows(e: np.ndarray, k: float, lo: np.ndarray, hi: np.ndarray, ey: np.ndarray, out: np.ndarray,
-                state: np.ndarray) -> None:
+def _label_rows(e: np.ndarray, k: float, lo: np.ndarray, hi: np.ndarray, span: np.ndarray, ey: np.ndarray,
+                out: np.ndarray, state: np.ndarray) -> None:
     """Per row of e = exp(x − max x) [B, n] (float64): t = e^{ν − max x} with Σ_i e_i/(e_i + t) = k by Halley's
     method on log Σ in u = log t, kept inside the bracket [lo, hi] (bisection where a step leaves it), to
     |Σ − k| ≤ 1e−12·n (or one last step from |Σ − k| ≤ 1e−5·min(k, n − k): cubic convergence makes it exact
@@ -152,7 +153,7 @@ def _label_rows(e: np.ndarray, k: float, lo: np.ndarray, hi: np.ndarray, ey: np.
     one vectorised pass). log Σ is nearly linear in u where the masses are small, so Halley on it from
     the upper end of the bracket takes two or three steps. Lower bound t ≥ e_(j)·(j − k)/k (the j > k largest
     have σ ≥ k/j there); scores with e_i ≤ 1e−9·t_lo enter only through Σe and Σe² (σ = r − r² + O(r³),
-    r = e_i/t ≤ 1e−9: exact to rounding), so a step reads only the others."""
+    r = e_i/t ≤ 1e−9: exact to rounding), so a step reads only the others (rows spanning ≤ NARROW: all)."""
     batch, n = e.shape
     tol = 1e-12 * n
     j = min(n, 2 * int(np.ceil(k)))
@@ -161,24 +162,28 @@ def _label_rows(e: np.ndarray, k: float, lo: np.ndarray, hi: np.ndarray, ey: np.
     for row in range(batch):
         x = e[row]
         a, b = lo[row], hi[row]
-        if j > k:
-            a = max(a, min(b, np.log(_jth_largest(x, j, buf) * (j - k) / k)))
-        cut = 1e-9 * np.exp(a)
-        s1, s2, m = 0.0, 0.0, 0
-        for i in range(n):
-            if x[i] > cut:
-                head[m] = x[i]
-                m += 1
-            else:
-                s1 += x[i]
-                s2 += x[i] * x[i]
+        s1, s2, m = 0.0, 0.0, n
+        rows_head = x
+        if span[row] > NARROW:  # a tail below 1e−9·t_lo is possible: bound t and split it off
+            if j > k:
+                a = max(a, min(b, np.log(_jth_largest(x, j, buf) * (j - k) / k)))
+            cut = 1e-9 * np.exp(a)
+            m = 0
+            for i in range(n):
+                if x[i] > cut:
+                    head[m] = x[i]
+                    m += 1
+                else:
+                    s1 += x[i]
+                    s2 += x[i] * x[i]
+            rows_head = head
         u = b
         for _ in range(MAX_STEPS):
             t = np.exp(u)
             r1, r2 = s1 / t, s2 / (t * t)
             f, slope, curve = r1 - r2, r1 - 2 * r2, r1 - 4 * r2  # F, −F', F'' of the tail to O(r³)
             for i in range(m):
-                p = head[i] / (head[i] + t)
+                p = rows_head[i] / (rows_head[i] + t)
                 q = p - p * p
                 f += p
                 slope += q
@@ -242,11 +247,10 @@ class _LMLAt(torch.autograd.Function):
     (Jᵀg)_j = d_j·(δ_jy·g − d_y·g/Σd), from the saved e = exp(x − max x) and t (two passes over the row)."""
 
     @staticmethod
-    def forward(ctx, x, k: float, index):  # type: ignore[override]
+    def forward(ctx, x, k: float, index, top, low):  # type: ignore[override]
         kernels = _label_kernels()
         x64 = x.detach().numpy().astype(np.float64)
-        top = x64.max(1)
-        low = x64.min(1)
+        top, low = top.astype(np.float64), low.astype(np.float64)
         x64 -= top[:, None]
         np.exp(x64, out=x64)  # e = exp(x − max): one vectorised pass
         n = x64.shape[1]
@@ -258,7 +262,7 @@ class _LMLAt(torch.autograd.Function):
         lo = np.minimum(lo, hi)
         out = np.empty(x64.shape[0])
         state = np.empty(x64.shape[0])
-        kernels["rows"](x64, float(k), lo, hi, np.ascontiguousarray(x64[rows, idx]), out, state)
+        kernels["rows"](x64, float(k), lo, hi, top - low, np.ascontiguousarray(x64[rows, idx]), out, state)
         ctx.save_for_backward(torch.from_numpy(x64), torch.from_numpy(state), torch.from_numpy(out), index)
         ctx.dtype = x.dtype
         return torch.from_numpy(out).to(x.dtype)
@@ -271,7 +275,7 @@ class _LMLAt(torch.autograd.Function):
         _label_kernels()["backward"](e.numpy(), state.numpy(), g, p_y.numpy(), out)
         p = p_y.numpy()
         out[np.arange(out.shape[0]), index.numpy()] += p * (1 - p) * g
-        return torch.from_numpy(out), None, None
+        return torch.from_numpy(out), None, None, None, None
 
 
 def lml_at(x: torch.Tensor, k: float, index: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -282,8 +286,9 @@ def lml_at(x: torch.Tensor, k: float, index: torch.Tensor, tau: float = 1.0) -> 
     y = x if tau == 1 else x / tau
     if y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64):
         values = y.detach().numpy()
-        if float(np.ptp(values, axis=1).max()) <= FAST_RANGE:  # (NaN fails too) else the general path
-            return _LMLAt.apply(y, float(k), index.long())
+        top, low = values.max(1), values.min(1)
+        if float((top - low).max()) <= FAST_RANGE:  # (NaN fails too) else the general path
+            return _LMLAt.apply(y, float(k), index.long(), top, low)
     return _LML.apply(y, float(k)).gather(1, index.view(-1, 1)).squeeze(1)
 
 
