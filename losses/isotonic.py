@@ -118,8 +118,13 @@ def _pav_row(x: np.ndarray, wb: np.ndarray, mode: int, a1: np.ndarray, a2: np.nd
                 a3[p] += a3[top]
                 a4[p] += a4[top]
                 root = np.cbrt(a4[p] / cnt[p])
-                val[p] = _cubic_block_value_jit(a1[p], a2[p], a3[p], cnt[p], a4[p], smin[p] - root - 1e-12,
-                                                smax[p] + 1e-12)
+                # the pooled value lies between the two blocks' values (each part's cubic changes sign there)
+                margin = 1e-12 * (1.0 + abs(val[p]) + abs(val[top]))
+                lo = max(smin[p] - root - 1e-12, min(val[p], val[top]) - margin)
+                hi = min(smax[p] + 1e-12, max(val[p], val[top]) + margin)
+                if not lo < hi:
+                    lo, hi = smin[p] - root - 1e-12, smax[p] + 1e-12
+                val[p] = _cubic_block_value_jit(a1[p], a2[p], a3[p], cnt[p], a4[p], lo, hi)
             top = p
     return top
 
