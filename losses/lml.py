@@ -29,6 +29,8 @@ from losses.topk_ce import TopKCrossEntropy, topk_ce_params
 MAX_STEPS = 100
 FAST_RANGE = 600.0  # rows whose scores span at most this use the exp-free Newton steps (no overflow)
 NARROW = 20.0  # label path: rows spanning at most this have no tail below 1e−9·t to split off
+CHUNK = 16  # label path: scores per chunk of the lower bound on t
+_kth_largest = None  # losses.select._kth_largest, compiled on first use
 
 
 def _newton(y, k: float, lo: float, hi: float, scaled, shift: float, fast: bool) -> float:
@@ -127,21 +129,6 @@ class _LML(torch.autograd.Function):
         return d * (grad - coupling), None
 
 
-def _jth_largest(x: np.ndarray, j: int, buf: np.ndarray) -> float:
-    """The j-th largest entry of x (j ≤ len(x)): one pass keeping the j largest in an ascending buffer."""
-    for i in range(j):
-        buf[i] = -np.inf
-    for i in range(x.shape[0]):
-        v = x[i]
-        if v > buf[0]:
-            pos = 0
-            while pos + 1 < j and buf[pos + 1] < v:
-                buf[pos] = buf[pos + 1]
-                pos += 1
-            buf[pos] = v
-    return buf[0]
-
-
 def _label_rows(e: np.ndarray, k: float, lo: np.ndarray, hi: np.ndarray, span: np.ndarray, ey: np.ndarray,
                 out: np.ndarray, state: np.ndarray) -> None:
     """Per row of e = exp(x − max x) [B, n] (float64): t = e^{ν − max x} with Σ_i e_i/(e_i + t) = k by Halley's
@@ -152,12 +139,14 @@ def _label_rows(e: np.ndarray, k: float, lo: np.ndarray, hi: np.ndarray, span: n
     Σ_i σ(x_i − ν) = Σ e_i/(e_i + t): one division per score and step, no exp (the exps are the caller's
     one vectorised pass). log Σ is nearly linear in u where the masses are small, so Halley on it from
     the upper end of the bracket takes two or three steps. Lower bound t ≥ e_(j)·(j − k)/k (the j > k largest
-    have σ ≥ k/j there); scores with e_i ≤ 1e−9·t_lo enter only through Σe and Σe² (σ = r − r² + O(r³),
-    r = e_i/t ≤ 1e−9: exact to rounding), so a step reads only the others (rows spanning ≤ NARROW: all)."""
+    have σ ≥ k/j there; e_(j) ≥ the j-th largest maximum of chunks of CHUNK scores); scores with
+    e_i ≤ 1e−9·t_lo enter only through Σe and Σe² (σ = r − r² + O(r³), r = e_i/t ≤ 1e−9: exact to
+    rounding), so a step reads only the others (rows spanning ≤ NARROW: all)."""
     batch, n = e.shape
     tol = 1e-12 * n
     j = min(n, 2 * int(np.ceil(k)))
-    buf = np.empty(j)
+    chunks = (n + CHUNK - 1) // CHUNK
+    buf = np.empty(chunks)
     head = np.empty(n)
     for row in range(batch):
         x = e[row]
@@ -165,17 +154,22 @@ def _label_rows(e: np.ndarray, k: float, lo: np.ndarray, hi: np.ndarray, span: n
         s1, s2, m = 0.0, 0.0, n
         rows_head = x
         if span[row] > NARROW:  # a tail below 1e−9·t_lo is possible: bound t and split it off
-            if j > k:
-                a = max(a, min(b, np.log(_jth_largest(x, j, buf) * (j - k) / k)))
+            if j > k and chunks > j:  # the j-th largest chunk maximum ≤ e_(j): t ≥ it·(j − k)/k
+                for c in range(chunks):
+                    mx = x[c * CHUNK]
+                    for i in range(c * CHUNK + 1, min(n, c * CHUNK + CHUNK)):
+                        mx = max(mx, x[i])
+                    buf[c] = mx
+                a = max(a, min(b, np.log(_kth_largest(buf, j) * (j - k) / k)))
             cut = 1e-9 * np.exp(a)
             m = 0
-            for i in range(n):
-                if x[i] > cut:
-                    head[m] = x[i]
-                    m += 1
-                else:
-                    s1 += x[i]
-                    s2 += x[i] * x[i]
+            for i in range(n):  # branch-free: the head/tail split is unpredictable
+                v = x[i]
+                keep = v > cut
+                head[m] = v
+                m += 1 if keep else 0
+                s1 += 0.0 if keep else v
+                s2 += 0.0 if keep else v * v
             rows_head = head
         u = b
         for _ in range(MAX_STEPS):
@@ -234,7 +228,10 @@ def _label_kernels() -> dict:
     if not _LABEL_KERNELS:
         import numba
 
-        globals()["_jth_largest"] = numba.njit(cache=True)(_jth_largest)
+        from losses import select
+
+        kth = getattr(select._kth_largest, "py_func", select._kth_largest)
+        globals()["_kth_largest"] = numba.njit(cache=True, inline="always")(kth)
         _LABEL_KERNELS["rows"] = numba.njit(cache=True, fastmath={"reassoc", "contract"})(_label_rows)
         _LABEL_KERNELS["backward"] = numba.njit(cache=True, fastmath={"reassoc", "contract"})(_label_backward)
     return _LABEL_KERNELS
