@@ -149,25 +149,35 @@ def _label_thresholds(e: np.ndarray, ks: np.ndarray, state: np.ndarray) -> None:
     need = min(n, 2 * int(np.ceil(ks.max())))
     chunks = (n + CHUNK - 1) // CHUNK
     maxima = np.empty(chunks)
+    sums = np.empty(chunks)
+    ordered = np.empty(chunks)
     cand = np.empty(n)
     for row in range(batch):
         es = e[row]
+        total = 0.0
+        for c in range(chunks):  # chunk maxima and sums (no branch: vectorised)
+            mx, sm = 0.0, 0.0
+            for i in range(c * CHUNK, min(n, c * CHUNK + CHUNK)):
+                mx = max(mx, es[i])
+                sm += es[i]
+            maxima[c] = mx
+            sums[c] = sm
+            total += sm
         low = -1.0
         if chunks > need:
-            for c in range(chunks):
-                m = es[c * CHUNK]
-                for i in range(c * CHUNK + 1, min(n, c * CHUNK + CHUNK)):
-                    m = max(m, es[i])
-                maxima[c] = m
-            low = _kth_largest(maxima, need)
-        total, rest, top = 0.0, 0.0, 0
-        for i in range(n):
-            total += es[i]
-            if es[i] > low:
-                cand[top] = es[i]
-                top += 1
-            else:
-                rest += es[i]
+            ordered[:] = maxima
+            low = _kth_largest(ordered, need)
+        rest, top = 0.0, 0
+        for c in range(chunks):  # only chunks reaching above L hold candidates; the others add their sums
+            if maxima[c] <= low:
+                rest += sums[c]
+                continue
+            for i in range(c * CHUNK, min(n, c * CHUNK + CHUNK)):
+                if es[i] > low:
+                    cand[top] = es[i]
+                    top += 1
+                else:
+                    rest += es[i]
         for j in range(jmax):
             k = ks[j]
             t = total / (2 * k)
@@ -206,28 +216,34 @@ def _label_threshold_backward(e: np.ndarray, state: np.ndarray, grad: np.ndarray
 _LABEL_KERNELS: dict = {}
 
 
+def _solve_fixed(s: torch.Tensor, ks: tuple, alpha: float, top: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(e = exp((s − max s)/α) [B, n], state [B, J, 2] of ``_label_thresholds``), float64, CPU."""
+    if not _LABEL_KERNELS:
+        import numba
+
+        from losses import select
+
+        kth = getattr(select._kth_largest, "py_func", select._kth_largest)
+        globals()["_kth_largest"] = numba.njit(cache=True, inline="always")(kth)
+        _LABEL_KERNELS["rows"] = numba.njit(cache=True, fastmath=True)(_label_thresholds)  # rows are finite
+        _LABEL_KERNELS["backward"] = numba.njit(cache=True, fastmath={"contract"})(_label_threshold_backward)
+    e = s.detach().numpy().astype(np.float64)
+    e -= top.astype(np.float64)[:, None]
+    if alpha != 1:
+        e /= alpha
+    np.exp(e, out=e)  # one vectorised pass, the only [B, n] temporary
+    state = np.empty((e.shape[0], len(ks), 2))
+    _LABEL_KERNELS["rows"](e, np.asarray(ks, dtype=np.float64), state)
+    return e, state
+
+
 class _LapSumFixed(torch.autograd.Function):
     """(s [B, n] float32/64 on the CPU, rows spanning ≤ 600·α, constant ks [J] and α) -> b [B, J] with
     Σ_i F((s_i − b)/α) = k_j; gradient in s only (the loss's k and α are constants)."""
 
     @staticmethod
     def forward(ctx, s, ks: tuple, alpha: float, top):  # type: ignore[override]
-        if not _LABEL_KERNELS:
-            import numba
-
-            from losses import select
-
-            kth = getattr(select._kth_largest, "py_func", select._kth_largest)
-            globals()["_kth_largest"] = numba.njit(cache=True, inline="always")(kth)
-            _LABEL_KERNELS["rows"] = numba.njit(cache=True, fastmath={"reassoc", "contract"})(_label_thresholds)
-            _LABEL_KERNELS["backward"] = numba.njit(cache=True, fastmath={"contract"})(_label_threshold_backward)
-        e = s.detach().numpy().astype(np.float64)
-        e -= top.astype(np.float64)[:, None]
-        if alpha != 1:
-            e /= alpha
-        np.exp(e, out=e)  # e = exp(x − max x), x = s/α: one vectorised pass, the only [B, n] temporary
-        state = np.empty((e.shape[0], len(ks), 2))
-        _LABEL_KERNELS["rows"](e, np.asarray(ks, dtype=np.float64), state)
+        e, state = _solve_fixed(s, ks, alpha, top)
         ctx.save_for_backward(torch.from_numpy(e), torch.from_numpy(state))
         ctx.dtype = s.dtype
         b = top.astype(np.float64)[:, None] + alpha * np.log(state[:, :, 0])
@@ -241,17 +257,54 @@ class _LapSumFixed(torch.autograd.Function):
         return torch.from_numpy(out), None, None, None
 
 
+class _LapSumMass(torch.autograd.Function):
+    """(s [B, n] CPU float32/64 spanning ≤ 600·α, labels [B], constant ks, weights [J] and α) ->
+    Σ_j w_j·F((s_y − b_j)/α), [B]: the loss's label mass in one node. With c_j = w_j·F'(u_yj)/α,
+    ∂/∂s_i = Σ_j c_j·(δ_iy − ∂b_j/∂s_i): the threshold backward fed −g·c_j, plus g·Σ_j c_j at the label."""
+
+    @staticmethod
+    def forward(ctx, s, labels, ks: tuple, weights: tuple, alpha: float, top):  # type: ignore[override]
+        e, state = _solve_fixed(s, ks, alpha, top)
+        rows = np.arange(e.shape[0])
+        idx = labels.numpy()
+        u = np.log(e[rows, idx])[:, None] - np.log(state[:, :, 0])  # (s_y − b_j)/α, [B, J]
+        half = 0.5 * np.exp(-np.abs(u))  # F'(u)
+        w = np.asarray(weights, dtype=np.float64)
+        mass = np.where(u > 0, 1 - half, half) @ w
+        ctx.save_for_backward(torch.from_numpy(e), torch.from_numpy(state), torch.from_numpy(half * w / alpha),
+                              labels)
+        ctx.dtype = s.dtype
+        return torch.from_numpy(mass).to(s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        e, state, coef, labels = ctx.saved_tensors
+        e, state, coef = e.numpy(), state.numpy(), coef.numpy()
+        g = grad.detach().double().numpy()
+        out = np.empty(e.shape, dtype=np.float32 if ctx.dtype == torch.float32 else np.float64)
+        _LABEL_KERNELS["backward"](e, state, np.ascontiguousarray(-g[:, None] * coef), out)
+        out[np.arange(out.shape[0]), labels.numpy()] += g * coef.sum(1)
+        return torch.from_numpy(out), None, None, None, None, None
+
+
+def _fits(s: torch.Tensor, alpha: float) -> np.ndarray | None:
+    """Row maxima of s when the label kernels apply (CPU float32/64, rows spanning ≤ 600·α, no NaN), else None."""
+    if s.device.type != "cpu" or s.dtype not in (torch.float32, torch.float64):
+        return None
+    values = s.detach().numpy()
+    top = values.max(1)
+    return top if float((top - values.min(1)).max()) <= 600 * alpha else None  # e = exp(x − max x) stays normal
+
+
 def lapsum_thresholds_fixed(s: torch.Tensor, ks: list[float], alpha: float) -> torch.Tensor:
     """``lapsum_threshold(s, ks (one row for every sample), alpha)`` [B, J] for constant ks and α (gradient in
     s only); on the CPU by ``_label_thresholds`` (no sort), elsewhere or for very wide rows the general path."""
     n = s.shape[1]
     if any(not 0 < k < n for k in ks) or not alpha > 0:
         raise ValueError(f"LapSum needs 0 < k < n={n} and alpha > 0")
-    if s.device.type == "cpu" and s.dtype in (torch.float32, torch.float64):
-        values = s.detach().numpy()
-        top = values.max(1)
-        if float((top - values.min(1)).max()) <= 600 * alpha:  # e = exp(x − max x) stays normal (NaN: not)
-            return _LapSumFixed.apply(s, tuple(float(k) for k in ks), float(alpha), top)
+    top = _fits(s, alpha)
+    if top is not None:
+        return _LapSumFixed.apply(s, tuple(float(k) for k in ks), float(alpha), top)
     k = torch.tensor(ks, dtype=s.dtype, device=s.device).expand(s.shape[0], len(ks))
     return lapsum_threshold(s, k, alpha)
 
@@ -300,6 +353,9 @@ class LapSumLoss(TopKCrossEntropy):
         self.alpha = float(alpha)
 
     def label_mass(self, s: torch.Tensor, labels: torch.Tensor, ks: list[int], weights: list[float]) -> torch.Tensor:
+        top = _fits(s, self.alpha)
+        if top is not None and 0 < min(ks) and max(ks) < s.shape[1]:  # one node, CPU kernels
+            return _LapSumMass.apply(s, labels, tuple(float(k) for k in ks), tuple(weights), self.alpha, top)
         b = lapsum_thresholds_fixed(s, ks, self.alpha)  # [B, J]
         s_y = s.gather(1, labels.unsqueeze(1))
         p_y = laplace_cdf((s_y - b) / self.alpha)  # [B, J]

@@ -114,3 +114,27 @@ def test_lapsum_fixed_gradcheck_and_wide_rows():
     assert torch.allclose(lapsum_thresholds_fixed(wide, [3.0], 1.0), lapsum_threshold(wide, k, 1.0), rtol=1e-12)
     with pytest.raises(ValueError):
         lapsum_thresholds_fixed(wide, [30.0], 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [0.1, 3.0, 30.0])
+def test_lapsum_loss_mass_node_equals_the_mask_formula(dtype, scale):
+    """The loss's fused label-mass node: value and gradient of −log(P_K-mixed mass) as from lapsum_topk."""
+    import harness
+    from losses.lapsum import lapsum_topk
+
+    n = 50
+    s = _scores(6, n, scale, dtype)
+    y = torch.tensor([2, 1, 0, 49, 7, 30])
+    loss = harness.build_loss("lapsum", n, p_k=[0.2, 0.0, 0.5, 0.3], alpha=0.7)
+
+    def reference(x):
+        rows = torch.arange(6)
+        q = 0.2 * torch.softmax(x, 1)[rows, y] + sum(
+            w * lapsum_topk(x, k, 0.7)[rows, y] for k, w in ((3, 0.5), (4, 0.3)))
+        return -torch.log(q * (1 - 2e-7) + 1e-7).mean()
+
+    va, vb, ga, gb = _both(reference, lambda x: loss(x, y), s, torch.ones((), dtype=dtype))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert abs(va.item() - vb.item()) <= tol * max(1.0, abs(va.item()))
+    assert (ga - gb).abs().max() <= tol * max(1.0, ga.abs().max().item())
