@@ -133,8 +133,9 @@ def _label_rows(e: np.ndarray, k: float, lo: np.ndarray, hi: np.ndarray, span: n
                 out: np.ndarray, state: np.ndarray) -> None:
     """Per row of e = exp(x − max x) [B, n] (float64): t = e^{ν − max x} with Σ_i e_i/(e_i + t) = k by Halley's
     method on log Σ in u = log t, kept inside the bracket [lo, hi] (bisection where a step leaves it), to
-    |Σ − k| ≤ 1e−12·n (or one last step from |Σ − k| ≤ 1e−5·min(k, n − k): cubic convergence makes it exact
-    to rounding, unevaluated); the label's probability e_y/(e_y + t) into out, t into state [B].
+    |Σ − k| ≤ 1e−12·n (or one last step once a step is ≤ 1e−4 in u, where the logistic's unit width makes
+    the cubically convergent next one exact to rounding; not evaluated); the label's probability
+    e_y/(e_y + t) into out, t into state [B].
 
     Σ_i σ(x_i − ν) = Σ e_i/(e_i + t): one division per score and step, no exp (the exps are the caller's
     one vectorised pass). log Σ is nearly linear in u where the masses are small, so Halley on it from
@@ -194,7 +195,7 @@ def _label_rows(e: np.ndarray, k: float, lo: np.ndarray, hi: np.ndarray, span: n
                 step = u - 2 * g * g1 / (2 * g1 * g1 - g * g2)
             else:
                 step = 0.5 * (a + b)
-            last = a < step < b and abs(f - k) <= 1e-5 * min(k, n - k)  # one more step is cubically exact
+            last = a < step < b and abs(step - u) <= 1e-4  # Halley from |Δu| ≤ 1e−4 (unit logistic width): exact
             u = step if a < step < b else 0.5 * (a + b)
             if last or b - a <= 1e-15 * max(1.0, abs(u)):
                 break

@@ -81,6 +81,14 @@ def test_lml_at_equals_the_gathered_lml(dtype, scale, k):
     assert (ga - gb).abs().max() <= tol * max(1.0, ga.abs().max().item())
 
 
+@pytest.mark.parametrize("n,k", [(50, 49), (100, 1), (1000, 500)])
+def test_lml_at_many_rows_saturated_and_sparse(n, k):
+    """k = n − 1 at a large scale (masses near 1, a flat dual): the last Halley step must still be exact."""
+    x = torch.randn(64, n, dtype=torch.float64, generator=torch.Generator().manual_seed(11)) * 30
+    index = torch.randint(0, n, (64,), generator=torch.Generator().manual_seed(12))
+    assert (lml_at(x, k, index) - lml(x, k)[torch.arange(64), index]).abs().max() <= 1e-9
+
+
 def test_lml_at_gradcheck_and_wide_rows():
     x = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6)).requires_grad_()
     index = torch.tensor([0, 3, 7])
