@@ -12,7 +12,9 @@ with, per regulariser ``mode``:
 * ``p4/3`` (Ω = ¾‖y‖^{4/3}_{4/3}, Sander et al. 2023): Ω*(u) = u⁴/4, ∇Ω*(u) = u³; the block value γ
   solves Σ (s_i − γ)³ = Σ w_i (a monotone cubic: bracketed Newton to machine precision).
 
-PAV (a stack of blocks, merged while a block's value exceeds its predecessor's) is O(n) after the
+PAV (a stack of blocks, merged while a block's value exceeds its predecessor's; for p4/3 the top block's
+value is solved only once a block is pushed on it, comparisons with it reading the sign of its cubic at
+the other value — one cubic solve per final block, not per merge) is O(n) after the
 O(n log n) sort; it runs compiled with numba over the batch, in float64, on the CPU (CUDA tensors make
 a round trip: numba's CPU PAV is what the paper's own code uses; a GPU PAV is not written).
 
@@ -60,6 +62,18 @@ def _cubic_block_value(s1: float, s2: float, s3: float, cnt: float, wsum: float,
     return g
 
 
+def _cubic_at(s1: float, s2: float, s3: float, cnt: float, wsum: float, g: float) -> float:
+    """Σ_B (s − g)³ − W_B from a block's moments (decreasing in g; its root is the block value)."""
+    return s3 - 3 * g * s2 + 3 * g * g * s1 - cnt * g * g * g - wsum
+
+
+def _solve_block(a1: np.ndarray, a2: np.ndarray, a3: np.ndarray, a4: np.ndarray, cnt: np.ndarray, smin: np.ndarray,
+                 smax: np.ndarray, b: int) -> float:
+    """The p4/3 value of block b from its moments."""
+    root = np.cbrt(a4[b] / cnt[b])
+    return _cubic_block_value_jit(a1[b], a2[b], a3[b], cnt[b], a4[b], smin[b] - root - 1e-12, smax[b] + 1e-12)
+
+
 def _pav_row(x: np.ndarray, wb: np.ndarray, mode: int, a1: np.ndarray, a2: np.ndarray, a3: np.ndarray,
              a4: np.ndarray, cnt: np.ndarray, smin: np.ndarray, smax: np.ndarray, val: np.ndarray,
              start: np.ndarray) -> int:
@@ -86,45 +100,54 @@ def _pav_row(x: np.ndarray, wb: np.ndarray, mode: int, a1: np.ndarray, a2: np.nd
         top += 1
         start[top], a1[top], a2[top], val[top] = cur_start, cur_sum, cur_cnt, cur_val
         return top
-    for i in range(n):
-        top += 1
-        xi, wi = x[i], wb[i]
-        start[top], cnt[top], smin[top], smax[top] = i, 1.0, xi, xi
-        if mode == 0:
-            a1[top], a2[top] = xi - wi, 1.0
-            val[top] = xi - wi
-        elif mode == 1:
-            a1[top], a2[top] = xi, wi
-            val[top] = xi - wi
-        else:
-            a1[top], a2[top], a3[top], a4[top] = xi, xi * xi, xi * xi * xi, wi
-            val[top] = xi - np.cbrt(wi) if wi != 0 else xi  # cbrt(0) = 0: skip the libm call
-        while top > 0 and val[top - 1] <= val[top]:
-            p = top - 1
-            cnt[p] += cnt[top]
-            smin[p] = min(smin[p], smin[top])
-            smax[p] = max(smax[p], smax[top])
-            if mode == 0:
-                a1[p] += a1[top]
-                a2[p] += a2[top]
-                val[p] = a1[p] / a2[p]
-            elif mode == 1:
-                a1[p] = np.logaddexp(a1[p], a1[top])
-                a2[p] = np.logaddexp(a2[p], a2[top])
-                val[p] = a1[p] - a2[p]
-            else:
+    if mode == 2:  # p4/3: the top block's value is solved only once a block is pushed on it (lazy); until
+        lazy = False  # then comparisons with it read the sign of its decreasing cubic f (f(v) ≤ 0 ⟺ v ≥ value)
+        for i in range(n):
+            xi, wi = x[i], wb[i]
+            v_new = xi - np.cbrt(wi) if wi != 0 else xi  # cbrt(0) = 0: skip the libm call
+            merge = top >= 0 and (_cubic_at(a1[top], a2[top], a3[top], cnt[top], a4[top], v_new) <= 0 if lazy
+                                  else val[top] <= v_new)
+            if not merge:
+                if lazy:
+                    val[top] = _solve_block(a1, a2, a3, a4, cnt, smin, smax, top)
+                    lazy = False
+                top += 1
+                start[top], cnt[top], smin[top], smax[top] = i, 1.0, xi, xi
+                a1[top], a2[top], a3[top], a4[top] = xi, xi * xi, xi * xi * xi, wi
+                val[top] = v_new
+                continue
+            cnt[top] += 1.0
+            smin[top] = min(smin[top], xi)
+            smax[top] = max(smax[top], xi)
+            a1[top] += xi
+            a2[top] += xi * xi
+            a3[top] += xi * xi * xi
+            a4[top] += wi
+            lazy = True
+            # val[top − 1] ≤ the top block's value ⟺ f_top(val[top − 1]) ≥ 0: pool
+            while top > 0 and _cubic_at(a1[top], a2[top], a3[top], cnt[top], a4[top], val[top - 1]) >= 0:
+                p = top - 1
+                cnt[p] += cnt[top]
+                smin[p] = min(smin[p], smin[top])
+                smax[p] = max(smax[p], smax[top])
                 a1[p] += a1[top]
                 a2[p] += a2[top]
                 a3[p] += a3[top]
                 a4[p] += a4[top]
-                root = np.cbrt(a4[p] / cnt[p])
-                # the pooled value lies between the two blocks' values (each part's cubic changes sign there)
-                margin = 1e-12 * (1.0 + abs(val[p]) + abs(val[top]))
-                lo = max(smin[p] - root - 1e-12, min(val[p], val[top]) - margin)
-                hi = min(smax[p] + 1e-12, max(val[p], val[top]) + margin)
-                if not lo < hi:
-                    lo, hi = smin[p] - root - 1e-12, smax[p] + 1e-12
-                val[p] = _cubic_block_value_jit(a1[p], a2[p], a3[p], cnt[p], a4[p], lo, hi)
+                top = p
+        if lazy:
+            val[top] = _solve_block(a1, a2, a3, a4, cnt, smin, smax, top)
+        return top
+    for i in range(n):  # kl
+        top += 1
+        xi, wi = x[i], wb[i]
+        a1[top], a2[top], start[top] = xi, wi, i
+        val[top] = xi - wi
+        while top > 0 and val[top - 1] <= val[top]:
+            p = top - 1
+            a1[p] = np.logaddexp(a1[p], a1[top])
+            a2[p] = np.logaddexp(a2[p], a2[top])
+            val[p] = a1[p] - a2[p]
             top = p
     return top
 
@@ -154,6 +177,8 @@ def _kernel():
         import numba
 
         globals()["_cubic_block_value_jit"] = numba.njit(cache=True)(_cubic_block_value)
+        globals()["_cubic_at"] = numba.njit(cache=True, inline="always")(_cubic_at)
+        globals()["_solve_block"] = numba.njit(cache=True)(_solve_block)
         globals()["_pav_row_jit"] = numba.njit(cache=True)(_pav_row)
         _KERNEL = numba.njit(cache=True)(_pav_batch)
     return _KERNEL
@@ -240,6 +265,138 @@ def _backward_rows(grad: np.ndarray, order: np.ndarray, d: np.ndarray, block: np
             start = stop
 
 
+# label-only projections (losses.isotonic_label): here, next to the PAV they call
+
+
+def _slope(u, mode: int, one):
+    """(∇Ω*(u), (∇Ω*)'(u)) in u's dtype (``one``: 1 in that dtype), with the full projection's arithmetic."""
+    if mode == 0:
+        return u, one
+    if mode == 1:
+        e = np.exp(u)
+        return e, e
+    return u * u * u, (one + one + one) * (u * u)
+
+
+def _pav_l2_neg(neg: np.ndarray, wb: np.ndarray, a1: np.ndarray, a2: np.ndarray, val: np.ndarray,
+                start: np.ndarray) -> int:
+    """``isotonic._pav_row`` for l2 on x = −neg (ascending neg: x descending), read without a float64 copy."""
+    n = neg.shape[0]
+    top = -1
+    first = -np.float64(neg[0])
+    cur_start, cur_sum, cur_cnt, cur_val = 0, first - wb[0], 1.0, first - wb[0]
+    for i in range(1, n):
+        xi = -np.float64(neg[i]) - wb[i]
+        if cur_val > xi:
+            top += 1
+            start[top], a1[top], a2[top], val[top] = cur_start, cur_sum, cur_cnt, cur_val
+            cur_start, cur_sum, cur_cnt, cur_val = i, xi, 1.0, xi
+            continue
+        cur_sum += xi
+        cur_cnt += 1.0
+        cur_val = cur_sum / cur_cnt
+        while top >= 0 and val[top] <= cur_val:
+            cur_start, cur_sum, cur_cnt = start[top], a1[top] + cur_sum, a2[top] + cur_cnt
+            cur_val = cur_sum / cur_cnt
+            top -= 1
+    top += 1
+    start[top], a1[top], a2[top], val[top] = cur_start, cur_sum, cur_cnt, cur_val
+    return top
+
+
+def _label_rows(neg: np.ndarray, zy: np.ndarray, w: np.ndarray, mode: int, out: np.ndarray, v: np.ndarray,
+                bounds: np.ndarray, den: np.ndarray, ok: np.ndarray) -> None:
+    """Per row of −z sorted ascending, neg [B, n] (the input's dtype): y at the label (value zy[b]) into out,
+    the rounded block value into v, the block's value range into bounds [B, 2], Σ_B d into den, and into ok
+    whether the last score is a block of its own."""
+    batch, n = neg.shape
+    x = np.empty(n)
+    scratch = np.empty((7, n))
+    val = np.empty(n)
+    start = np.empty(n, dtype=np.int64)
+    rounded = np.empty_like(neg[0, :1])  # casts to the input dtype on assignment
+    one = np.ones_like(neg[0, :1])[0]
+    for b in range(batch):
+        target = zy[b]
+        if np.isnan(neg[b, n - 1]) or np.isnan(target):  # NaN sorts last: propagate it, no gradient
+            out[b] = np.nan
+            v[b] = np.nan
+            bounds[b, 0], bounds[b, 1] = np.inf, -np.inf
+            den[b] = 0
+            ok[b] = True
+            continue
+        wb = w[b] if w.shape[0] > 1 else w[0]
+        if mode == 0:  # l2 reads −neg directly (same arithmetic as _pav_row: one copy pass less)
+            top = _pav_l2_neg(neg[b], wb, scratch[0], scratch[1], val, start)
+        else:
+            for i in range(n):
+                x[i] = -neg[b, i]  # z descending, float64
+            top = _pav_row_jit(x, wb, mode, scratch[0], scratch[1], scratch[2], scratch[3], scratch[4],
+                                        scratch[5], scratch[6], val, start)
+        ok[b] = start[top] == n - 1  # the last score is its own block (what a head-only row must check)
+        if target < -neg[b, n - 1]:  # below a head (rows of the largest scores, w = 0 beyond): u = 0, y = 0, d = 0
+            out[b], _ = _slope(target - target, mode, one)
+            v[b] = target
+            bounds[b, 0], bounds[b, 1] = np.inf, -np.inf
+            den[b] = 0
+            continue
+        lo, hi = 0, n - 1  # first descending position holding a value ≤ target (= target: it is in the row)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if -neg[b, mid] > target:
+                lo = mid + 1
+            else:
+                hi = mid
+        first, last = 0, top  # the block holding position lo: the last one starting at or before it
+        while first < last:
+            mid = (first + last + 1) // 2
+            if start[mid] <= lo:
+                first = mid
+            else:
+                last = mid - 1
+        begin, stop = start[first], start[first + 1] if first < top else n
+        while begin > 0 and neg[b, begin - 1] == neg[b, begin]:  # ties split by rounding (a block value a hair off the
+            begin -= 1  # tied score): the block is the value range, all ties in it
+        while stop < n and neg[b, stop] == neg[b, stop - 1]:
+            stop += 1
+        rounded[0] = val[first]
+        vb = rounded[0]
+        out[b], _ = _slope(target - vb, mode, one)
+        v[b] = vb
+        bounds[b, 0], bounds[b, 1] = -neg[b, stop - 1], -neg[b, begin]
+        total = vb * 0
+        if mode == 0:  # d = 1
+            for _ in range(begin, stop):
+                total += one
+        else:
+            for i in range(begin, stop):
+                _, d = _slope(-neg[b, i] - vb, mode, one)
+                total += d
+        den[b] = total
+
+
+def _label_backward(z: np.ndarray, index: np.ndarray, grad: np.ndarray, v: np.ndarray, bounds: np.ndarray,
+                    den: np.ndarray, mode: int, out: np.ndarray) -> None:
+    """out[b, j] = d_j·(δ_{j,index}·g − d_y·g/Σ_B d) over the label's block (its value range), 0 elsewhere."""
+    batch, n = z.shape
+    one = np.ones_like(z[0, :1])[0]
+    for b in range(batch):
+        y = index[b]
+        _, dy = _slope(z[b, y] - v[b], mode, one)
+        g = grad[b] * dy
+        ratio = g / den[b] if den[b] > 0 else den[b] * 0
+        lo, hi = bounds[b, 0], bounds[b, 1]
+        for j in range(n):
+            zj = z[b, j]
+            if lo <= zj <= hi:
+                _, d = _slope(zj - v[b], mode, one)
+                out[b, j] = -d * ratio
+            else:
+                out[b, j] = 0
+        if lo <= z[b, y] <= hi:
+            out[b, y] += g
+
+
 _KERNELS: dict = {}
 
 
@@ -249,7 +406,10 @@ def _kernels() -> dict:
 
         _kernel()
         globals()["_pav_batch_jit"] = _KERNEL
-        for name in ("_sort_keys", "_order_of_keys", "_project_rows", "_backward_rows"):
+        globals()["_slope"] = numba.njit(cache=True, inline="always")(_slope)
+        globals()["_pav_l2_neg"] = numba.njit(cache=True)(_pav_l2_neg)
+        for name in ("_sort_keys", "_order_of_keys", "_project_rows", "_backward_rows", "_label_rows",
+                     "_label_backward"):
             _KERNELS[name] = numba.njit(cache=True)(globals()[name])
     return _KERNELS
 

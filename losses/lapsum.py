@@ -131,7 +131,6 @@ class _LapSumThreshold(torch.autograd.Function):
 
 
 CHUNK = 16  # scores per chunk of the candidate bound in _label_thresholds
-_kth_largest = None  # losses.select._kth_largest, compiled on first use
 
 
 def _label_thresholds(e: np.ndarray, ks: np.ndarray, state: np.ndarray) -> None:
@@ -150,7 +149,6 @@ def _label_thresholds(e: np.ndarray, ks: np.ndarray, state: np.ndarray) -> None:
     chunks = (n + CHUNK - 1) // CHUNK
     maxima = np.empty(chunks)
     sums = np.empty(chunks)
-    ordered = np.empty(chunks)
     cand = np.empty(n)
     for row in range(batch):
         es = e[row]
@@ -165,8 +163,7 @@ def _label_thresholds(e: np.ndarray, ks: np.ndarray, state: np.ndarray) -> None:
             total += sm
         low = -1.0
         if chunks > need:
-            ordered[:] = maxima
-            low = _kth_largest(ordered, need)
+            low = np.partition(maxima, chunks - need)[chunks - need]  # (a copy; numba's own)
         rest, top = 0.0, 0
         for c in range(chunks):  # only chunks reaching above L hold candidates; the others add their sums
             if maxima[c] <= low:
@@ -221,10 +218,6 @@ def _solve_fixed(s: torch.Tensor, ks: tuple, alpha: float, top: np.ndarray) -> t
     if not _LABEL_KERNELS:
         import numba
 
-        from losses import select
-
-        kth = getattr(select._kth_largest, "py_func", select._kth_largest)
-        globals()["_kth_largest"] = numba.njit(cache=True, inline="always")(kth)
         _LABEL_KERNELS["rows"] = numba.njit(cache=True, fastmath=True)(_label_thresholds)  # rows are finite
         _LABEL_KERNELS["backward"] = numba.njit(cache=True, fastmath={"contract"})(_label_threshold_backward)
     e = s.detach().numpy().astype(np.float64)

@@ -30,7 +30,6 @@ MAX_STEPS = 100
 FAST_RANGE = 600.0  # rows whose scores span at most this use the exp-free Newton steps (no overflow)
 NARROW = 20.0  # label path: rows spanning at most this have no tail below 1e−9·t to split off
 CHUNK = 16  # label path: scores per chunk of the lower bound on t
-_kth_largest = None  # losses.select._kth_largest, compiled on first use
 
 
 def _newton(y, k: float, lo: float, hi: float, scaled, shift: float, fast: bool) -> float:
@@ -161,7 +160,7 @@ def _label_rows(e: np.ndarray, k: float, lo: np.ndarray, hi: np.ndarray, span: n
                     for i in range(c * CHUNK + 1, min(n, c * CHUNK + CHUNK)):
                         mx = max(mx, x[i])
                     buf[c] = mx
-                a = max(a, min(b, np.log(_kth_largest(buf, j) * (j - k) / k)))
+                a = max(a, min(b, np.log(np.partition(buf, chunks - j)[chunks - j] * (j - k) / k)))
             cut = 1e-9 * np.exp(a)
             m = 0
             for i in range(n):  # branch-free: the head/tail split is unpredictable
@@ -229,10 +228,6 @@ def _label_kernels() -> dict:
     if not _LABEL_KERNELS:
         import numba
 
-        from losses import select
-
-        kth = getattr(select._kth_largest, "py_func", select._kth_largest)
-        globals()["_kth_largest"] = numba.njit(cache=True, inline="always")(kth)
         _LABEL_KERNELS["rows"] = numba.njit(cache=True, fastmath={"reassoc", "contract"})(_label_rows)
         _LABEL_KERNELS["backward"] = numba.njit(cache=True, fastmath={"reassoc", "contract"})(_label_backward)
     return _LABEL_KERNELS
