@@ -218,8 +218,10 @@ def _solve_fixed(s: torch.Tensor, ks: tuple, alpha: float, top: np.ndarray) -> t
     if not _LABEL_KERNELS:
         import numba
 
-        _LABEL_KERNELS["rows"] = numba.njit(cache=True, fastmath=True)(_label_thresholds)  # rows are finite
-        _LABEL_KERNELS["backward"] = numba.njit(cache=True, fastmath={"contract"})(_label_threshold_backward)
+        # rows are finite (wider ones take the general path); error_model="numpy": no zero-division checks
+        _LABEL_KERNELS["rows"] = numba.njit(cache=True, error_model="numpy", fastmath=True)(_label_thresholds)
+        _LABEL_KERNELS["backward"] = numba.njit(cache=True, error_model="numpy", fastmath={"contract"})(
+            _label_threshold_backward)
     e = s.detach().numpy().astype(np.float64)
     e -= top.astype(np.float64)[:, None]
     if alpha != 1:
