@@ -407,7 +407,7 @@ def _kernels() -> dict:
         _kernel()
         globals()["_pav_batch_jit"] = _KERNEL
         globals()["_slope"] = numba.njit(cache=True, inline="always")(_slope)
-        globals()["_pav_l2_neg"] = numba.njit(cache=True)(_pav_l2_neg)
+        globals()["_pav_l2_neg"] = numba.njit(cache=True, error_model="numpy")(_pav_l2_neg)  # no 0-division checks
         for name in ("_sort_keys", "_order_of_keys", "_project_rows", "_backward_rows", "_label_rows",
                      "_label_backward"):
             _KERNELS[name] = numba.njit(cache=True)(globals()[name])
