@@ -149,21 +149,40 @@ def _label_thresholds(e: np.ndarray, ks: np.ndarray, state: np.ndarray) -> None:
     chunks = (n + CHUNK - 1) // CHUNK
     maxima = np.empty(chunks)
     sums = np.empty(chunks)
+    best = np.empty(need)
     cand = np.empty(n)
     for row in range(batch):
         es = e[row]
         total = 0.0
-        for c in range(chunks):  # chunk maxima and sums (no branch: vectorised)
+        for c in range(chunks):  # chunk maxima and sums (full chunks: a fixed trip count that vectorises)
             mx, sm = 0.0, 0.0
-            for i in range(c * CHUNK, min(n, c * CHUNK + CHUNK)):
-                mx = max(mx, es[i])
-                sm += es[i]
+            base = c * CHUNK
+            if base + CHUNK <= n:
+                for i in range(CHUNK):
+                    v = es[base + i]
+                    mx = max(mx, v)
+                    sm += v
+            else:
+                for i in range(base, n):
+                    mx = max(mx, es[i])
+                    sm += es[i]
             maxima[c] = mx
             sums[c] = sm
             total += sm
         low = -1.0
-        if chunks > need:
-            low = np.partition(maxima, chunks - need)[chunks - need]  # (a copy; numba's own)
+        if chunks > need:  # the need-th largest chunk maximum: a descending buffer of the need largest
+            filled = 0
+            for c in range(chunks):
+                v = maxima[c]
+                if filled == need and v <= best[need - 1]:
+                    continue
+                pos = filled if filled < need else need - 1
+                filled = min(filled + 1, need)
+                while pos > 0 and best[pos - 1] < v:
+                    best[pos] = best[pos - 1]
+                    pos -= 1
+                best[pos] = v
+            low = best[need - 1]
         rest, top = 0.0, 0
         for c in range(chunks):  # only chunks reaching above L hold candidates; the others add their sums
             if maxima[c] <= low:
