@@ -47,7 +47,7 @@ def _solve_head(neg: np.ndarray, zy: np.ndarray, w_np: np.ndarray, mode: str, k:
     batch, n = neg.shape
     result = tuple(np.empty(shape, dtype) for shape, dtype in (
         (batch, neg.dtype), (batch, neg.dtype), ((batch, 2), neg.dtype), (batch, neg.dtype), (batch, np.bool_)))
-    nan_rows = np.isnan(neg).any(1)  # NaN rows: the full sort (NaN last)
+    nan_rows = np.isnan(neg.sum(1))  # NaN rows (and rows holding both ±inf): the full sort (NaN last)
     rows = np.flatnonzero(~nan_rows)
     m = max(isotonic.HEAD_MIN, 4 * k)
     while m * 4 <= n and rows.size:

@@ -72,4 +72,5 @@ class SparseTopKLoss(TopKCrossEntropy):
     def label_mass(self, s: torch.Tensor, labels: torch.Tensor, ks: list[int], weights: list[float]) -> torch.Tensor:
         w = self.rank_weights(s.shape[1], s.dtype, s.device)
         # = sparse_topk(s, w, ε, p) at the label, without the index sort (losses.isotonic_label)
-        return projection_at(s / self.epsilon, w, labels, "l2" if self.p == "2" else "p4/3")
+        z = s if self.epsilon == 1 else s / self.epsilon
+        return projection_at(z, w, labels, "l2" if self.p == "2" else "p4/3")
