@@ -1,0 +1,120 @@
+"""The input pass of berrada_smooth's compiled path: e = exp((s − max_{j≠y} s_j)·scale), e_y = 0, in one pass.
+
+Replaces scatter (a masked copy of the scores) + amax + sub + mul + clamp + scatter on [B, n] by one
+compiled pass that writes the clamped exponent straight into a reused scratch buffer, then NumPy's exp
+in place. Values are those of ``berrada_esp.exp_shifted`` (the same float operations in the same
+dtype). Fresh [B, n] buffers cost page faults on every step (~0.1 ms per MB on the CPUs we measured),
+which is why the buffer is kept per thread and shape: it is read only inside the forward.
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import torch
+
+RESIDUES = 64  # lanes of the vectorised maximum
+_KERNEL = None
+_LOCAL = threading.local()
+
+
+def _shift_rows(s, labels, scale, lo, out, m_out):  # pragma: no cover - compiled
+    """m_out[b] = max_{j≠y} s[b, j] (NaN if the row has a NaN, as torch.amax), out[b, j] = max((s − m)·scale,
+    lo) in s's dtype (NaN stays NaN), out[b, y] = −inf. The maximum runs over residue lanes (vectorised);
+    the block holding the label and the tail after the last full block are scanned one by one."""
+    batch, n = s.shape
+    ng = n - n % RESIDUES
+    mx = np.empty(RESIDUES, dtype=s.dtype)
+    for b in range(batch):
+        row = s[b]
+        y = labels[b]
+        orow = out[b]
+        nan = 0
+        mx[:] = -np.inf
+        for g in range(0, ng, RESIDUES):
+            if g <= y and y < g + RESIDUES:
+                continue
+            blk = row[g:g + RESIDUES]
+            for q in range(RESIDUES):
+                x = blk[q]
+                nan += x != x
+                mx[q] = x if x > mx[q] else mx[q]
+        m = mx[0]
+        for q in range(1, RESIDUES):
+            m = mx[q] if mx[q] > m else m
+        start = y - y % RESIDUES
+        if start < ng:
+            for j in range(start, start + RESIDUES):
+                x = row[j]
+                if j != y:
+                    nan += x != x
+                    m = x if x > m else m
+        for j in range(ng, n):
+            x = row[j]
+            if j != y:
+                nan += x != x
+                m = x if x > m else m
+        if nan > 0:
+            mx[0] = np.nan  # through the array: m keeps s's dtype
+            m = mx[0]
+        m_out[b] = m
+        for j in range(n):
+            v = (row[j] - m) * scale
+            orow[j] = lo if v < lo else v
+        orow[y] = -np.inf
+
+
+def _scratch(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """A [B, n] buffer reused across calls of this thread (grown, never shrunk)."""
+    buf = getattr(_LOCAL, "buf", None)
+    need = shape[0] * shape[1]
+    if buf is None or buf.dtype != dtype or buf.numel() < need:
+        buf = torch.empty(need, dtype=dtype)
+        _LOCAL.buf = buf
+    return buf[:need].view(shape)
+
+
+def exp_shifted_masked(s: torch.Tensor, labels: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e [B, n], m [B, 1]) for contiguous CPU scores s (float32/float64): m = max_{j≠y} s_j, e = exp((s − m)·scale)
+    clamped below at the smallest normal number·e² as in berrada_esp.exp_shifted, e_y = 0, in s's dtype.
+    e is a scratch buffer: valid until the next call in this thread."""
+    global _KERNEL
+    if _KERNEL is None:
+        import numba
+
+        _KERNEL = numba.njit(cache=True, nogil=True)(_shift_rows)
+    arr = s.detach().contiguous().numpy()
+    typ = arr.dtype.type
+    e = _scratch(tuple(arr.shape), s.dtype)
+    m = np.empty(arr.shape[0], dtype=arr.dtype)
+    lo = math.log(torch.finfo(s.dtype).tiny) + 2.0
+    _KERNEL(arr, labels.numpy().astype(np.int64, copy=False), typ(scale), typ(lo), e.numpy(), m)
+    buf = e.numpy()
+    np.exp(buf, out=buf)
+    return e, torch.from_numpy(m)[:, None]
+
+
+class EspLoss(torch.autograd.Function):
+    """Per-sample loss τ·softplus(α/τ + z) [B] (in scores' dtype) from the compiled kernel's outputs, when every
+    row is ok: z [B] float64 and ∂r/∂a [B, n] (or None without gradient) from ``berrada_esp.esp_margin``.
+
+    One autograd node instead of margin + softplus + casts: the backward is ∂L/∂s = scale·softplus'(u)·
+    (∂r/∂a − onehot(y)) with u = α/τ + z and softplus' as torch computes it (1 above its threshold 20)."""
+
+    @staticmethod
+    def forward(ctx, scores, labels, z, grad, scale: float, alpha: float, tau: float):  # type: ignore[override]
+        u = alpha / tau + z
+        ctx.save_for_backward(grad, labels, u)
+        ctx.scale, ctx.tau = scale, tau
+        return (tau * torch.nn.functional.softplus(u)).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad, labels, u = ctx.saved_tensors
+        eu = u.exp()
+        slope = torch.where(u > 20.0, 1.0, eu / (eu + 1.0))
+        coef = (grad_out.double() * ctx.tau * slope * ctx.scale).to(grad.dtype)
+        out = grad * coef[:, None]
+        out.scatter_(1, labels[:, None], -coef[:, None])
+        return out, None, None, None, None, None, None
