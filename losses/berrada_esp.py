@@ -46,6 +46,7 @@ import math
 import os
 import sys
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,7 @@ OK, FLOAT64, LOG_SPACE = 0, 1, 2  # row status
 _KERNELS: dict[int, object] = {}
 
 
+@lru_cache(maxsize=256)
 def esp_constants(n_other: int, k: int, eps: float = EPS_TRUNC) -> tuple[int, float, float]:
     """(M, θ, GUARD) for n_other classes besides the label (see the module docstring)."""
     m = min(2 * k, n_other)

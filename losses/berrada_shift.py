@@ -105,16 +105,15 @@ class EspLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores, labels, z, grad, scale: float, alpha: float, tau: float):  # type: ignore[override]
         u = alpha / tau + z
-        ctx.save_for_backward(grad, labels, u)
-        ctx.scale, ctx.tau = scale, tau
+        eu = u.exp()
+        slope = torch.where(u > 20.0, 1.0, eu / (eu + 1.0))  # softplus' as torch's softplus backward has it
+        ctx.save_for_backward(grad, labels, slope * (tau * scale))
         return (tau * torch.nn.functional.softplus(u)).to(scores.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        grad, labels, u = ctx.saved_tensors
-        eu = u.exp()
-        slope = torch.where(u > 20.0, 1.0, eu / (eu + 1.0))
-        coef = (grad_out.double() * ctx.tau * slope * ctx.scale).to(grad.dtype)
+        grad, labels, dz = ctx.saved_tensors
+        coef = (grad_out.double() * dz).to(grad.dtype)
         out = grad * coef[:, None]
         out.scatter_(1, labels[:, None], -coef[:, None])
         return out, None, None, None, None, None, None
