@@ -385,23 +385,20 @@ def esp_margin(scores: torch.Tensor, labels: torch.Tensor, k: int, scale: float,
     """(z [B] float64, ok [B], ∂r/∂a [B, n] or None) without autograd: what EspMargin computes (see there)."""
     from losses.berrada_shift import exp_shifted_masked
 
-    lab = labels[:, None]
-    e, m = exp_shifted_masked(scores, labels, scale)  # e: a scratch buffer, read by the kernel only
+    e, m, a_y = exp_shifted_masked(scores, labels, scale)  # e: a scratch buffer, read by the kernel only
     ratio, status, grad = esp_ratio(e, k, want)
     redo = np.flatnonzero(status == FLOAT64)
     if scores.dtype == torch.float64:
         status[redo] = LOG_SPACE
     elif len(redo):
         rows = torch.from_numpy(redo)
-        masked = scores.detach()[rows].scatter(1, lab[rows], float("-inf"))
+        masked = scores.detach()[rows].scatter(1, labels[rows, None], float("-inf"))
         r64, s64, g64 = esp_ratio(exp_shifted(masked, m[rows], labels[rows], scale, torch.float64), k, want)
         ratio[redo], status[redo] = r64, np.where(s64 == OK, OK, LOG_SPACE)
         if want:
             grad[rows] = g64.to(grad.dtype)
-    ok = torch.from_numpy(status == OK)
-    a_y = (scores.detach().gather(1, lab).squeeze(1).double() - m.squeeze(1).double()) * scale
-    z = torch.where(ok, torch.from_numpy(ratio) - a_y, 0.0)
-    return z, ok, grad
+    ok = status == OK
+    return torch.from_numpy(np.where(ok, ratio - a_y, 0.0)), torch.from_numpy(ok), grad
 
 
 class EspMargin(torch.autograd.Function):

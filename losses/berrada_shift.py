@@ -17,12 +17,14 @@ import torch
 RESIDUES = 64  # lanes of the vectorised maximum
 _KERNEL = None
 _LOCAL = threading.local()
+_LO = {dt: math.log(torch.finfo(dt).tiny) + 2.0 for dt in (torch.float32, torch.float64)}  # exp_shifted's clamp
 
 
-def _shift_rows(s, labels, scale, lo, out, m_out):  # pragma: no cover - compiled
+def _shift_rows(s, labels, scale, lo, scale64, out, m_out, a_y):  # pragma: no cover - compiled
     """m_out[b] = max_{j≠y} s[b, j] (NaN if the row has a NaN, as torch.amax), out[b, j] = max((s − m)·scale,
-    lo) in s's dtype (NaN stays NaN), out[b, y] = −inf. The maximum runs over residue lanes (vectorised);
-    the block holding the label and the tail after the last full block are scanned one by one."""
+    lo) in s's dtype (NaN stays NaN), out[b, y] = −inf, a_y[b] = (s_y − m)·scale in float64. The maximum
+    runs over residue lanes (vectorised); the block holding the label and the tail after the last full
+    block are scanned one by one."""
     batch, n = s.shape
     ng = n - n % RESIDUES
     mx = np.empty(RESIDUES, dtype=s.dtype)
@@ -59,6 +61,7 @@ def _shift_rows(s, labels, scale, lo, out, m_out):  # pragma: no cover - compile
             mx[0] = np.nan  # through the array: m keeps s's dtype
             m = mx[0]
         m_out[b] = m
+        a_y[b] = (np.float64(row[y]) - np.float64(m)) * scale64
         for j in range(n):
             v = (row[j] - m) * scale
             orow[j] = lo if v < lo else v
@@ -75,10 +78,12 @@ def _scratch(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     return buf[:need].view(shape)
 
 
-def exp_shifted_masked(s: torch.Tensor, labels: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e [B, n], m [B, 1]) for contiguous CPU scores s (float32/float64): m = max_{j≠y} s_j, e = exp((s − m)·scale)
-    clamped below at the smallest normal number·e² as in berrada_esp.exp_shifted, e_y = 0, in s's dtype.
-    e is a scratch buffer: valid until the next call in this thread."""
+def exp_shifted_masked(s: torch.Tensor, labels: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(e [B, n], m [B, 1], a_y [B] float64 = (s_y − m)·scale) for contiguous CPU scores s (float32/float64):
+    m = max_{j≠y} s_j, e = exp((s − m)·scale) clamped below at the smallest normal number·e² as in
+    berrada_esp.exp_shifted, e_y = 0, in s's dtype. e is a scratch buffer: valid until the next call in this
+    thread."""
     global _KERNEL
     if _KERNEL is None:
         import numba
@@ -88,11 +93,11 @@ def exp_shifted_masked(s: torch.Tensor, labels: torch.Tensor, scale: float) -> t
     typ = arr.dtype.type
     e = _scratch(tuple(arr.shape), s.dtype)
     m = np.empty(arr.shape[0], dtype=arr.dtype)
-    lo = math.log(torch.finfo(s.dtype).tiny) + 2.0
-    _KERNEL(arr, labels.numpy().astype(np.int64, copy=False), typ(scale), typ(lo), e.numpy(), m)
+    a_y = np.empty(arr.shape[0])
     buf = e.numpy()
+    _KERNEL(arr, labels.numpy().astype(np.int64, copy=False), typ(scale), typ(_LO[s.dtype]), float(scale), buf, m, a_y)
     np.exp(buf, out=buf)
-    return e, torch.from_numpy(m)[:, None]
+    return e, torch.from_numpy(m)[:, None], a_y
 
 
 class EspLoss(torch.autograd.Function):
@@ -104,11 +109,14 @@ class EspLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores, labels, z, grad, scale: float, alpha: float, tau: float):  # type: ignore[override]
-        u = alpha / tau + z
-        eu = u.exp()
-        slope = torch.where(u > 20.0, 1.0, eu / (eu + 1.0))  # softplus' as torch's softplus backward has it
-        ctx.save_for_backward(grad, labels, slope * (tau * scale))
-        return (tau * torch.nn.functional.softplus(u)).to(scores.dtype)
+        # on [B] in NumPy float64 (a handful of torch ops cost more than the arithmetic); softplus and its
+        # slope as torch has them: u above the threshold 20 passes through, else log1p(exp(u))
+        u = alpha / tau + z.numpy()
+        big = u > 20.0
+        eu = np.exp(np.minimum(u, 20.0))
+        slope = np.where(big, 1.0, eu / (eu + 1.0))
+        ctx.save_for_backward(grad, labels, torch.from_numpy(slope * (tau * scale)))
+        return torch.from_numpy(tau * np.where(big, u, np.log1p(eu))).to(scores.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]

@@ -26,9 +26,11 @@ def test_input_pass_is_bitwise_the_torch_one(dtype: torch.dtype) -> None:
             y = torch.randint(0, n, (40,), generator=gen)
             y[0], y[1] = 0, n - 1  # label in the first block and in the tail
             s[2, y[2]] = 1e6  # the label holds the row's maximum: it must not count
-            e, m = exp_shifted_masked(s, y, 0.2)
+            e, m, a_y = exp_shifted_masked(s, y, 0.2)
             e_ref, m_ref = _torch_shift(s, y, 0.2)
             assert torch.equal(m, m_ref) and torch.equal(e, e_ref), (n, scale)
+            a_ref = (s.gather(1, y[:, None]).squeeze(1).double() - m_ref.squeeze(1).double()) * 0.2
+            assert torch.equal(torch.from_numpy(a_y), a_ref)
             assert e.dtype == dtype
 
 
@@ -39,7 +41,7 @@ def test_input_pass_nan_and_inf() -> None:
     s[2, 290] = float("inf")  # in the tail
     s[3, 7] = float("nan")  # the label's own NaN is masked out
     y = torch.tensor([5, 3, 1, 7])
-    e, m = exp_shifted_masked(s, y, 0.5)
+    e, m, _ = exp_shifted_masked(s, y, 0.5)
     e_ref, m_ref = _torch_shift(s, y, 0.5)
     torch.testing.assert_close(m, m_ref, equal_nan=True)
     torch.testing.assert_close(e, e_ref, equal_nan=True)
