@@ -112,38 +112,41 @@ def top_and_max(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class FusedTransition(torch.autograd.Function):
-    """scores [B, n] (CPU, float32/float64), labels [B], k, λ -> per-sample (1 − λ)·CE + λ·grouped [B]."""
+    """scores [B, n] (CPU, float32/float64), labels [B], k, λ -> per-sample (1 − λ)·CE + λ·grouped [B].
+
+    The [B, n] work is the compiled pass, one subtraction, NumPy's exp and a row sum (forward) and one
+    product and a scatter (backward); the [B] and [B, k] arithmetic runs in NumPy (cheaper than torch ops
+    at these sizes)."""
 
     @staticmethod
     def forward(ctx, scores, labels, k: int, lam: float):  # type: ignore[override]
         s = scores.detach().contiguous()
-        top_np, m_np = top_and_max(s.numpy(), k)
-        top, m = torch.from_numpy(top_np), torch.from_numpy(m_np)
-        e = torch.sub(s, m[:, None])
+        s_np, lab = s.numpy(), labels.numpy()
+        top, m = top_and_max(s_np, k)
+        e = torch.sub(s, torch.from_numpy(m)[:, None])
+        rows = np.arange(len(lab))
         with np.errstate(all="ignore"):  # NaN/inf rows give NaN, as log_softmax does
             np.exp(e.numpy(), out=e.numpy())
-        total = e.sum(1)
-        lab = labels[:, None]
-        e_top = e.gather(1, top)
-        total_top = e_top.sum(1)
-        in_top = (top == lab).any(1)
-        log_total = total.log()
-        s_y = s.gather(1, lab).squeeze(1)
-        ce = log_total + m - s_y
-        grouped = torch.where(in_top, log_total - total_top.log(), ce)
-        loss = ce if lam == 0.0 else (grouped if lam == 1.0 else (1.0 - lam) * ce + lam * grouped)
-        ctx.save_for_backward(e, total, e_top, total_top, top, labels, in_top)
-        ctx.lam = lam
-        return loss
+            total = e.sum(1).numpy()
+            e_top = e.numpy()[rows[:, None], top]
+            total_top = e_top.sum(1)
+            in_top = (top == lab[:, None]).any(1)
+            log_total = np.log(total)
+            ce = log_total + m - s_np[rows, lab]
+            grouped = np.where(in_top, log_total - np.log(total_top), ce)
+            loss = ce if lam == 0.0 else (grouped if lam == 1.0 else (1.0 - lam) * ce + lam * grouped)
+            # gradient pieces: −λ·q_j on T where y ∈ T (q = softmax over T), −(1 − λ·[y ∈ T]) at y
+            corr = np.empty((len(lab), k + 1), dtype=s_np.dtype)
+            corr[:, :k] = np.where(in_top[:, None], e_top / total_top[:, None], 0.0) * -lam
+            corr[:, k] = np.where(in_top, lam - 1.0, -1.0)
+        ctx.save_for_backward(e, torch.from_numpy(total), torch.from_numpy(corr),
+                              torch.from_numpy(np.concatenate([top, lab[:, None]], 1)))
+        return torch.from_numpy(np.asarray(loss, dtype=s_np.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        e, total, e_top, total_top, top, labels, in_top = ctx.saved_tensors
-        lam = ctx.lam
+        e, total, corr, where = ctx.saved_tensors
         g = grad_out.to(e.dtype)
         grad = e * (g / total)[:, None]
-        # corrections: −λ·g·q_j on T where y ∈ T; −g·(1 − λ [y ∈ T]) at y
-        q = torch.where(in_top[:, None], e_top / total_top[:, None], 0.0) * (-lam * g)[:, None]
-        at_y = torch.where(in_top, g * (lam - 1.0), -g)
-        grad.scatter_add_(1, torch.cat([top, labels[:, None]], 1), torch.cat([q, at_y[:, None]], 1))
+        grad.scatter_add_(1, where, corr * g[:, None])
         return grad, None, None, None
