@@ -330,7 +330,7 @@ def smooth_topk_svm(
     if method == "esp" or (method == "auto" and x.device.type == "cpu" and k <= ESP_KMAX):
         want = torch.is_grad_enabled() and x.requires_grad
         z, ok, grad = esp_margin(x, labels, k, scale, want)  # z float64
-        if bool(ok.all()):  # the common case: one autograd node for the whole loss
+        if ok.numpy().all():  # the common case: one autograd node for the whole loss
             return EspLoss.apply(x, labels, z, grad, scale, alpha, tau)
         z, ok = EspMargin.apply(x, labels, k, scale)
         if not bool(ok.all()):

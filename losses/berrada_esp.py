@@ -387,10 +387,11 @@ def esp_margin(scores: torch.Tensor, labels: torch.Tensor, k: int, scale: float,
 
     e, m, a_y = exp_shifted_masked(scores, labels, scale)  # e: a scratch buffer, read by the kernel only
     ratio, status, grad = esp_ratio(e, k, want)
-    redo = np.flatnonzero(status == FLOAT64)
-    if scores.dtype == torch.float64:
+    redo = status == FLOAT64
+    if redo.any() and scores.dtype == torch.float64:
         status[redo] = LOG_SPACE
-    elif len(redo):
+    elif redo.any():
+        redo = np.flatnonzero(redo)
         rows = torch.from_numpy(redo)
         masked = scores.detach()[rows].scatter(1, labels[rows, None], float("-inf"))
         r64, s64, g64 = esp_ratio(exp_shifted(masked, m[rows], labels[rows], scale, torch.float64), k, want)

@@ -121,7 +121,7 @@ class EspLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         grad, labels, dz = ctx.saved_tensors
-        coef = (grad_out.double() * dz).to(grad.dtype)
-        out = grad * coef[:, None]
-        out.scatter_(1, labels[:, None], -coef[:, None])
+        coef = (grad_out.detach().numpy().astype(np.float64) * dz.numpy()).astype(grad.numpy().dtype)
+        out = grad * torch.from_numpy(coef)[:, None]
+        out.numpy()[np.arange(len(coef)), labels.numpy()] = -coef
         return out, None, None, None, None, None, None
