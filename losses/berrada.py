@@ -49,9 +49,8 @@ from torch import nn
 
 from harness.registry import Log, Param, register_loss
 from losses.berrada_esp import KMAX as ESP_KMAX
-from losses.berrada_esp import EspMargin, esp_margin
 from losses.berrada_esp import _kernel as esp_kernel
-from losses.berrada_shift import EspLoss
+from losses.berrada_shift import EspLoss, EspMargin, esp_margin
 from losses.common import check_k, working_precision
 from losses.reference_difftopk import berrada_smooth_reference
 

@@ -7,10 +7,11 @@ label has a_y = −∞, e_y = 0). We need r = log σ_k(e) − log σ_{k−1}(e) 
 Forward, per row (float64 arithmetic throughout):
 1. A threshold t with at least M = min(2k, n−1) elements e ≥ t: the M-th largest of the maxima of
    the 64 residue classes i mod 64 (one vectorised pass), or 0 when there are fewer classes.
-2. The elements e ≥ t form the buffer T (typically M + a few); every other element (R) goes
-   through the recurrence σ_j ← σ_j + e_i·σ_{j−1} (j = k..1) in 4 interleaved accumulator sets
-   whose polynomials are multiplied at the end. Positive terms only: each σ_j has relative error
-   ≤ (n + k)·u (u = 2⁻⁵³). Then σ = σ_R ⊗ Π_T(1 + e_t·z), with prefix and suffix products.
+2. The elements e ≥ t form the buffer T (typically M + a few), collected from the residue classes
+   whose maximum is ≥ t; every other element (R) goes through the recurrence σ_j ← σ_j + e_i·σ_{j−1}
+   (j = k..1) in LANES = 16 accumulator sets (element i in set i mod 16: the loop over the sets is
+   SIMD) whose polynomials are multiplied at the end. Positive terms only: each σ_j has relative
+   error ≤ (n + 16k)·u (u = 2⁻⁵³). Then σ = σ_R ⊗ Π_T(1 + e_t·z), with prefix and suffix products.
 
 Backward (no cancellation worth the name):
 * i ∈ R: σ_j(e∖i) = σ_j − e_i·σ_{j−1}(e∖i), j = 1..k−1. Every (j−1)-subset S of e∖i misses at
@@ -31,11 +32,13 @@ elements that count may have been rounded to subnormals or 0 — the caller reco
 float64 e; 2 the k largest e have a product below e^−GUARD (σ_k near float64 underflow, e.g.
 scores ~ 1e4 at τ = 1): the caller computes it in log space.
 
-Speed. numba has no SIMD types and does not unroll loops over a runtime k; with k unrolled into
-scalars the recurrence runs ~3× faster than with arrays, so the kernel is generated per k
+Speed. numba has no SIMD types and does not unroll loops over a runtime k; with k unrolled (one
+lane-indexed array per coefficient, the loop over the 16 lanes vectorised by LLVM; with 8 lanes the
+kernel took ~1.4× as long, 32 were no faster, on the CPUs we measured), so the kernel is generated per k
 (k ≤ KMAX) and cached on disk like the other numba kernels (under $XDG_CACHE_HOME/topk-bench/
 esp_kernels; the file is compared with the generated text before it is imported). Larger k go to
-the caller's other paths. The exponentials come from NumPy (SIMD), not from the kernel.
+the caller's other paths. The exponentials come from NumPy (SIMD), not from the kernel; the masked
+maximum and the exponent come from one compiled pass (losses/berrada_shift.py).
 """
 
 from __future__ import annotations
@@ -378,51 +381,3 @@ def esp_ratio(e: torch.Tensor, k: int, want_grad: bool) -> tuple[np.ndarray, np.
     _kernel(k)(e.numpy(), m_top, theta, math.exp(-guard), flush_level(e.dtype), want_grad, ratio, status,
                grad.numpy())
     return ratio, status, (grad if want_grad else None)
-
-
-def esp_margin(scores: torch.Tensor, labels: torch.Tensor, k: int, scale: float,
-               want: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(z [B] float64, ok [B], ∂r/∂a [B, n] or None) without autograd: what EspMargin computes (see there)."""
-    from losses.berrada_shift import exp_shifted_masked
-
-    e, m, a_y = exp_shifted_masked(scores, labels, scale)  # e: a scratch buffer, read by the kernel only
-    ratio, status, grad = esp_ratio(e, k, want)
-    redo = status == FLOAT64
-    if redo.any() and scores.dtype == torch.float64:
-        status[redo] = LOG_SPACE
-    elif redo.any():
-        redo = np.flatnonzero(redo)
-        rows = torch.from_numpy(redo)
-        masked = scores.detach()[rows].scatter(1, labels[rows, None], float("-inf"))
-        r64, s64, g64 = esp_ratio(exp_shifted(masked, m[rows], labels[rows], scale, torch.float64), k, want)
-        ratio[redo], status[redo] = r64, np.where(s64 == OK, OK, LOG_SPACE)
-        if want:
-            grad[rows] = g64.to(grad.dtype)
-    ok = status == OK
-    return torch.from_numpy(np.where(ok, ratio - a_y, 0.0)), torch.from_numpy(ok), grad
-
-
-class EspMargin(torch.autograd.Function):
-    """scores [B, n] (CPU), labels [B] -> (z [B], ok [B]), z = log σ_k(e) − log σ_{k−1}(e) − a_y.
-
-    a = (s − max_{j≠y} s_j)·scale and e = exp(a) over j ≠ y (the loss is invariant to the shift).
-    e is float32 for float32 scores, and float64 for the rows that need it (status 1) and for
-    float64 scores; z is computed and returned in float64. Rows with ok False
-    (status 2) have z = 0 and no gradient: the caller computes them in log space.
-    """
-
-    @staticmethod
-    def forward(ctx, scores, labels, k: int, scale: float):  # type: ignore[override]
-        z, ok, grad = esp_margin(scores, labels, k, scale, bool(ctx.needs_input_grad[0]))
-        ctx.save_for_backward(grad, labels, ok)
-        ctx.scale = scale
-        ctx.mark_non_differentiable(ok)
-        return z, ok
-
-    @staticmethod
-    def backward(ctx, grad_z, _grad_ok):  # type: ignore[override]
-        grad, labels, ok = ctx.saved_tensors
-        coef = torch.where(ok, grad_z * ctx.scale, 0.0).to(grad.dtype)
-        out = grad * coef[:, None]
-        out.scatter_(1, labels[:, None], -coef[:, None])
-        return out, None, None, None

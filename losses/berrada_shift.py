@@ -1,4 +1,6 @@
-"""The input pass of berrada_smooth's compiled path: e = exp((s − max_{j≠y} s_j)·scale), e_y = 0, in one pass.
+"""Around berrada_smooth's compiled kernel (losses/berrada_esp.py): its input pass, and its outputs as autograd nodes.
+
+The input pass: e = exp((s − max_{j≠y} s_j)·scale), e_y = 0, in one pass.
 
 Replaces scatter (a masked copy of the scores) + amax + sub + mul + clamp + scatter on [B, n] by one
 compiled pass that writes the clamped exponent straight into a reused scratch buffer, then NumPy's exp
@@ -13,6 +15,8 @@ import threading
 
 import numpy as np
 import torch
+
+from losses.berrada_esp import FLOAT64, LOG_SPACE, OK, esp_ratio, exp_shifted
 
 RESIDUES = 64  # lanes of the vectorised maximum
 _KERNEL = None
@@ -98,6 +102,52 @@ def exp_shifted_masked(s: torch.Tensor, labels: torch.Tensor,
     _KERNEL(arr, labels.numpy().astype(np.int64, copy=False), typ(scale), typ(_LO[s.dtype]), float(scale), buf, m, a_y)
     np.exp(buf, out=buf)
     return e, torch.from_numpy(m)[:, None], a_y
+
+
+def esp_margin(scores: torch.Tensor, labels: torch.Tensor, k: int, scale: float,
+               want: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(z [B] float64, ok [B], ∂r/∂a [B, n] or None) without autograd: what EspMargin computes (see there)."""
+    e, m, a_y = exp_shifted_masked(scores, labels, scale)  # e: a scratch buffer, read by the kernel only
+    ratio, status, grad = esp_ratio(e, k, want)
+    redo = status == FLOAT64
+    if redo.any() and scores.dtype == torch.float64:
+        status[redo] = LOG_SPACE
+    elif redo.any():
+        redo = np.flatnonzero(redo)
+        rows = torch.from_numpy(redo)
+        masked = scores.detach()[rows].scatter(1, labels[rows, None], float("-inf"))
+        r64, s64, g64 = esp_ratio(exp_shifted(masked, m[rows], labels[rows], scale, torch.float64), k, want)
+        ratio[redo], status[redo] = r64, np.where(s64 == OK, OK, LOG_SPACE)
+        if want:
+            grad[rows] = g64.to(grad.dtype)
+    ok = status == OK
+    return torch.from_numpy(np.where(ok, ratio - a_y, 0.0)), torch.from_numpy(ok), grad
+
+
+class EspMargin(torch.autograd.Function):
+    """scores [B, n] (CPU), labels [B] -> (z [B], ok [B]), z = log σ_k(e) − log σ_{k−1}(e) − a_y.
+
+    a = (s − max_{j≠y} s_j)·scale and e = exp(a) over j ≠ y (the loss is invariant to the shift).
+    e is float32 for float32 scores, and float64 for the rows that need it (status 1) and for
+    float64 scores; z is computed and returned in float64. Rows with ok False
+    (status 2) have z = 0 and no gradient: the caller computes them in log space.
+    """
+
+    @staticmethod
+    def forward(ctx, scores, labels, k: int, scale: float):  # type: ignore[override]
+        z, ok, grad = esp_margin(scores, labels, k, scale, bool(ctx.needs_input_grad[0]))
+        ctx.save_for_backward(grad, labels, ok)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(ok)
+        return z, ok
+
+    @staticmethod
+    def backward(ctx, grad_z, _grad_ok):  # type: ignore[override]
+        grad, labels, ok = ctx.saved_tensors
+        coef = torch.where(ok, grad_z * ctx.scale, 0.0).to(grad.dtype)
+        out = grad * coef[:, None]
+        out.scatter_(1, labels[:, None], -coef[:, None])
+        return out, None, None, None
 
 
 class EspLoss(torch.autograd.Function):

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from losses.berrada import smooth_topk_svm
-from losses.berrada_esp import EspMargin, esp_margin, exp_shifted
-from losses.berrada_shift import EspLoss, exp_shifted_masked
+from losses.berrada_esp import exp_shifted
+from losses.berrada_shift import EspLoss, EspMargin, esp_margin, exp_shifted_masked
 
 
 def _torch_shift(s: torch.Tensor, y: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
