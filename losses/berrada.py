@@ -331,10 +331,9 @@ def smooth_topk_svm(
         z, ok, grad = esp_margin(x, labels, k, scale, want)  # z float64
         if ok.numpy().all():  # the common case: one autograd node for the whole loss
             return EspLoss.apply(x, labels, z, grad, scale, alpha, tau)
-        z, ok = EspMargin.apply(x, labels, k, scale)
-        if not bool(ok.all()):
-            fix, margin = tree_fix(ok, "compiled")
-            z = torch.where(ok, z, fix - margin)
+        z = EspMargin.apply(x, labels, z, ok, grad, scale)  # near-hard rows (not ok) from the log-space tree
+        fix, margin = tree_fix(ok, "compiled")
+        z = torch.where(ok, z, fix - margin)
         return (tau * F.softplus(alpha / tau + z)).to(x.dtype)
     if method in ("linear", "log"):
         xc, margin = shifted()

@@ -106,7 +106,7 @@ def exp_shifted_masked(s: torch.Tensor, labels: torch.Tensor,
 
 def esp_margin(scores: torch.Tensor, labels: torch.Tensor, k: int, scale: float,
                want: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(z [B] float64, ok [B], ∂r/∂a [B, n] or None) without autograd: what EspMargin computes (see there)."""
+    """(z [B] float64, ok [B], ∂r/∂a [B, n] or None) from the compiled kernel, without autograd (see EspMargin)."""
     e, m, a_y = exp_shifted_masked(scores, labels, scale)  # e: a scratch buffer, read by the kernel only
     ratio, status, grad = esp_ratio(e, k, want)
     redo = status == FLOAT64
@@ -125,29 +125,26 @@ def esp_margin(scores: torch.Tensor, labels: torch.Tensor, k: int, scale: float,
 
 
 class EspMargin(torch.autograd.Function):
-    """scores [B, n] (CPU), labels [B] -> (z [B], ok [B]), z = log σ_k(e) − log σ_{k−1}(e) − a_y.
-
-    a = (s − max_{j≠y} s_j)·scale and e = exp(a) over j ≠ y (the loss is invariant to the shift).
-    e is float32 for float32 scores, and float64 for the rows that need it (status 1) and for
-    float64 scores; z is computed and returned in float64. Rows with ok False
-    (status 2) have z = 0 and no gradient: the caller computes them in log space.
+    """z [B] float64 as an autograd node of the scores, from ``esp_margin``'s outputs (z, ok, ∂r/∂a):
+    z = log σ_k(e) − log σ_{k−1}(e) − a_y with a = (s − max_{j≠y} s_j)·scale, e = exp(a) over j ≠ y
+    (the loss is invariant to the shift). e is float32 for float32 scores, and float64 for the rows
+    that need it (status 1) and for float64 scores. Rows with ok False (status 2) have z = 0 and no
+    gradient: the caller computes them in log space.
     """
 
     @staticmethod
-    def forward(ctx, scores, labels, k: int, scale: float):  # type: ignore[override]
-        z, ok, grad = esp_margin(scores, labels, k, scale, bool(ctx.needs_input_grad[0]))
+    def forward(ctx, scores, labels, z, ok, grad, scale: float):  # type: ignore[override]
         ctx.save_for_backward(grad, labels, ok)
         ctx.scale = scale
-        ctx.mark_non_differentiable(ok)
-        return z, ok
+        return z.clone()  # a new tensor: returning an input as-is would alias it
 
     @staticmethod
-    def backward(ctx, grad_z, _grad_ok):  # type: ignore[override]
+    def backward(ctx, grad_z):  # type: ignore[override]
         grad, labels, ok = ctx.saved_tensors
         coef = torch.where(ok, grad_z * ctx.scale, 0.0).to(grad.dtype)
         out = grad * coef[:, None]
         out.scatter_(1, labels[:, None], -coef[:, None])
-        return out, None, None, None
+        return out, None, None, None, None, None
 
 
 class EspLoss(torch.autograd.Function):

@@ -50,8 +50,9 @@ def test_input_pass_nan_and_inf() -> None:
 
 def _composite(s: torch.Tensor, y: torch.Tensor, k: int, alpha: float, tau: float) -> torch.Tensor:
     """The loss through EspMargin + softplus (autograd through the pieces)."""
-    z, ok = EspMargin.apply(s, y, k, 1.0 / (k * tau))
+    z, ok, grad = esp_margin(s, y, k, 1.0 / (k * tau), True)
     assert bool(ok.all())
+    z = EspMargin.apply(s, y, z, ok, grad, 1.0 / (k * tau))
     return (tau * F.softplus(alpha / tau + z)).to(s.dtype)
 
 
