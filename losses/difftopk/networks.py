@@ -156,6 +156,7 @@ class TorchNetwork:
         self.kind, self.n, self.k = kind, n, k
         self.layers = build_network(kind, n, k)
         self._cache: dict[torch.device, list[tuple[torch.Tensor, ...]]] = {}
+        self._flat: tuple[np.ndarray, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -166,3 +167,12 @@ class TorchNetwork:
             self._cache[device] = [tuple(torch.as_tensor(v, dtype=torch.long, device=device) for v in layer)
                                    for layer in self.layers]
         return self._cache[device]
+
+    def flat(self) -> tuple[np.ndarray, ...]:
+        """All layers' comparators in order, as four contiguous int64 arrays ``(a, b, dest_min, dest_max)``
+        (a layer's comparators touch disjoint wires, so running them one by one is running the layer)."""
+        if self._flat is None:
+            self._flat = tuple(np.ascontiguousarray(np.concatenate([layer[i] for layer in self.layers]
+                                                                   or [np.empty(0)]), dtype=np.int64)
+                               for i in range(4))
+        return self._flat
