@@ -80,7 +80,8 @@ def compiled_label_mass(x: torch.Tensor, labels: torch.Tensor, network: TorchNet
     """The compiled path of `network_label_mass` (CPU tensors; float32 is computed in float64)."""
     from losses.difftopk.network_kernels import CompiledLabelMass
 
-    return CompiledLabelMass.apply(x, labels, network.flat(), weights, steepness, distribution, art_lambda)
+    comparators = network.flat(weights.shape[0])
+    return CompiledLabelMass.apply(x, labels, comparators, weights, steepness, distribution, art_lambda)
 
 
 def network_label_mass(x: torch.Tensor, labels: torch.Tensor, network: TorchNetwork, weights: torch.Tensor,

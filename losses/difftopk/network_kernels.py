@@ -137,9 +137,9 @@ def _compile() -> None:
     if not _COMPILED:
         import numba
 
-        globals()["_swap"] = numba.njit(cache=True, nogil=True, inline="always")(_swap)
+        globals()["_swap"] = numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")(_swap)
         for name in ("_forward_rows", "_backward_rows"):
-            globals()[name] = numba.njit(cache=True, nogil=True)(globals()[name])
+            globals()[name] = numba.njit(cache=True, nogil=True, error_model="numpy")(globals()[name])
         _COMPILED = True
 
 

@@ -109,3 +109,12 @@ def test_loss_compiled_equals_torch_path(sorter, scale, monkeypatch):
     assert _close(v, vt, 1e-12) and _close(g64, gt, 1e-12)
     v32, g32 = results["compiled", torch.float32]
     assert _close(v32, vt, 1e-6) and _close(g32, gt, 1e-6)  # (the torch path's float32 is off by up to ~1e-4)
+
+
+def test_flat_keeps_only_comparators_that_reach_the_readout():
+    net = TorchNetwork("odd_even", 16, 5)
+    total = sum(len(layer[0]) for layer in net.layers)
+    assert net.flat()[0].shape[0] == 90 < total  # the 30 dropped ones never reach wires 11..15
+    assert net.flat(16)[0].shape[0] == total  # every wire read: nothing dropped
+    a, b, dmin, dmax = net.flat(1)
+    assert (dmax[-1], dmin[-1]) == (15, 14)  # the last comparator feeds the top wire
