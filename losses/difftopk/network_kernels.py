@@ -130,11 +130,15 @@ def _relax(code: int, v: np.ndarray, steepness: float, lam: float, alpha: np.nda
 @_jit
 def _forward(zx: np.ndarray, labels: np.ndarray, ca: np.ndarray, cb: np.ndarray, cmin: np.ndarray,
              cmax: np.ndarray, weights: np.ndarray, code: int, steepness: float, lam: float,
-             saved: np.ndarray, out: np.ndarray) -> None:
+             saved: np.ndarray, out: np.ndarray) -> int:
     """zx: the values [n, B] (overwritten). out[s] = Σ_j weights[j]·q[n−K+j, s] after the network;
-    saved[c] = (α, F'(v), x_a − x_b, q_a − q_b) of comparator c, each [B]."""
+    saved[c] = (α, F'(v), x_a − x_b, q_a − q_b) of comparator c, each [B]. Returns −1, or the first
+    sample whose label is not in 0..n−1 (then nothing is computed)."""
     n, batch = zx.shape
     k = weights.shape[0]
+    for s in range(batch):
+        if labels[s] < 0 or labels[s] >= n:
+            return s
     zq = np.zeros((n, batch))
     v = np.empty(batch)
     for s in range(batch):
@@ -165,6 +169,7 @@ def _forward(zx: np.ndarray, labels: np.ndarray, ca: np.ndarray, cb: np.ndarray,
         for j in range(k):
             acc += weights[j] * zq[n - k + j, s]
         out[s] = acc
+    return -1
 
 
 @_jit
@@ -208,8 +213,11 @@ class CompiledLabelMass(torch.autograd.Function):
         batch = zx.shape[1]
         saved = np.empty((comparators[0].shape[0], 4, batch))
         out = np.empty(batch)
-        _forward(zx, np.ascontiguousarray(labels.numpy(), dtype=np.int64), *comparators, w,
-                 DISTRIBUTIONS.index(distribution), float(steepness), float(art_lambda), saved, out)
+        labels_np = np.ascontiguousarray(labels.numpy(), dtype=np.int64)
+        bad = _forward(zx, labels_np, *comparators, w, DISTRIBUTIONS.index(distribution), float(steepness),
+                       float(art_lambda), saved, out)
+        if bad >= 0:
+            raise IndexError(f"label {labels_np[bad]} of sample {bad} is out of range for {zx.shape[0]} classes")
         ctx.comparators, ctx.w, ctx.saved, ctx.n = comparators, w, saved, zx.shape[0]
         return torch.from_numpy(out).to(x.dtype)
 

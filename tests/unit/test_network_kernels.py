@@ -136,3 +136,11 @@ def test_polynomial_exp_against_libm():
     assert np.all(np.abs(got - want) <= 2 * np.spacing(want))
     assert _exp(-1e4) == _exp(-708.0) > 0 and _exp(1e4) == _exp(709.0) < math.inf
     assert math.isnan(_exp(math.nan))
+
+
+def test_label_out_of_range_raises():
+    net = TorchNetwork("odd_even", 8, 2)
+    w = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    for bad in (8, -1):
+        with pytest.raises(IndexError, match="out of range"):
+            compiled_label_mass(torch.randn(2, 8), torch.tensor([0, bad]), net, w, 1.0, "logistic", 0.5)
