@@ -407,10 +407,12 @@ def _kernels() -> dict:
         _kernel()
         globals()["_pav_batch_jit"] = _KERNEL
         globals()["_slope"] = numba.njit(cache=True, inline="always")(_slope)
-        globals()["_pav_l2_neg"] = numba.njit(cache=True, error_model="numpy")(_pav_l2_neg)  # no 0-division checks
-        for name in ("_sort_keys", "_order_of_keys", "_project_rows", "_backward_rows", "_label_rows",
-                     "_label_backward"):
+        # error_model="numpy": no zero-division checks (no divisor is 0 there)
+        globals()["_pav_l2_neg"] = numba.njit(cache=True, nogil=True, error_model="numpy")(_pav_l2_neg)
+        for name in ("_sort_keys", "_order_of_keys", "_project_rows", "_backward_rows"):
             _KERNELS[name] = numba.njit(cache=True)(globals()[name])
+        for name in ("_label_rows", "_label_backward"):
+            _KERNELS[name] = numba.njit(cache=True, nogil=True)(globals()[name])
     return _KERNELS
 
 

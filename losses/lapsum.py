@@ -238,9 +238,9 @@ def _solve_fixed(s: torch.Tensor, ks: tuple, alpha: float, top: np.ndarray) -> t
         import numba
 
         # rows are finite (wider ones take the general path); error_model="numpy": no zero-division checks
-        _LABEL_KERNELS["rows"] = numba.njit(cache=True, error_model="numpy", fastmath=True)(_label_thresholds)
-        _LABEL_KERNELS["backward"] = numba.njit(cache=True, error_model="numpy", fastmath={"contract"})(
-            _label_threshold_backward)
+        options = {"cache": True, "nogil": True, "error_model": "numpy"}
+        _LABEL_KERNELS["rows"] = numba.njit(fastmath=True, **options)(_label_thresholds)
+        _LABEL_KERNELS["backward"] = numba.njit(fastmath={"contract"}, **options)(_label_threshold_backward)
     e = s.detach().numpy().astype(np.float64)
     e -= top.astype(np.float64)[:, None]
     if alpha != 1:

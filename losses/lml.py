@@ -200,7 +200,7 @@ def _label_kernels() -> dict:
         import numba
 
         # error_model="numpy": no zero-division checks, so the division loops vectorise (no divisor is 0 here)
-        options = {"cache": True, "error_model": "numpy", "fastmath": {"reassoc", "contract"}}
+        options = {"cache": True, "nogil": True, "error_model": "numpy", "fastmath": {"reassoc", "contract"}}
         _LABEL_KERNELS["rows"] = numba.njit(**options)(_label_rows)
         _LABEL_KERNELS["backward"] = numba.njit(**options)(_label_backward)
     return _LABEL_KERNELS
