@@ -27,6 +27,7 @@ import math
 import torch
 
 from harness.registry import Log, Param, register_loss
+from losses.difftopk import anchor_ot, sinkhorn
 from losses.difftopk.sinkhorn import entropic_plan, hard_potentials
 from losses.topk_ce import TopKCrossEntropy, topk_ce_params
 
@@ -38,6 +39,9 @@ def soft_topk_plan(s: torch.Tensor, k: int, epsilon: float, sorted_: bool = Fals
     if not 0 < k < n:
         raise ValueError(f"k={k} must satisfy 0 < k < n={n}")
     r = k + 1 if sorted_ else 2
+    if sinkhorn.COMPILED and s.device.type == "cpu":  # one compiled call per batch and direction
+        return sinkhorn.fused_plan(s, anchor_ot.NORMALISED, list(range(r)), [n - k] + ([1] * k if sorted_ else [k]),
+                                   epsilon, iterations, tolerance)
     anchors = torch.arange(r, dtype=s.dtype, device=s.device) if sorted_ else torch.tensor(
         [0.0, 1.0], dtype=s.dtype, device=s.device)
     masses = [(n - k) / n] + ([1 / n] * k if sorted_ else [k / n])
