@@ -10,7 +10,9 @@ K_ij = exp((g⁰_j − C_ij)/ε − max_j), and an evaluation at g = g⁰ + Δ t
 and n·r products instead of n·r exps. The reference moves to g when max − min of Δ/ε exceeds
 ``SPREAD`` (every row's largest product then stays above e^−SPREAD, so nothing underflows), and
 entries of K below e^−``FLUSH`` are stored as 0: they add less than e^−(FLUSH−SPREAD) to a row sum.
-The plan returned is computed with exact exps at the final potentials, as ``semidual.plan_of_potentials``.
+The plan returned is σ of the last evaluation (at the final potentials). The start: the ε → 0 potentials,
+or 0 where that is higher and within the kernel's reach (spread ≤ ``SPREAD``; a wider start is the sharp
+regime, where the ε → 0 potentials are the right start).
 
 Points and costs (``mode``), in float64 from the scores s [B, n]:
 * ``NORMALISED`` (``soft_topk``): x = s, C_ij = (x_i − a_j)²/S with S = max_ij (x_i − a_j)² (at least
@@ -81,54 +83,68 @@ def _hard_start(x, anchors, counts, kappa, largest, g):
         g[j + 1] = g[j] - kappa * (anchors[j + 1] - anchors[j]) * (2 * boundary - anchors[j] - anchors[j + 1])
 
 
-def _rebase(cost, g, eps, flush, ref, kern, top):
-    """The reference moves to g: kern[i, j] = exp((g_j − C_ij)/ε − top_i) (0 below e^−flush), top_i = max_j."""
-    n, r = cost.shape
+def _rebase(logit, g, eps, flush, ref, kern, top):
+    """The reference moves to g: kern[j, i] = exp(L_ji − top_i) (0 below e^−flush) for the logits
+    L_ji = g_j/ε + logit[j, i] (logit = −C/ε, anchors-major), top_i = max_j L_ji; returns Σ_i top_i."""
+    r, n = logit.shape
     for j in range(r):
         ref[j] = g[j]
     for i in range(n):
-        best = -math.inf
-        for j in range(r):
-            best = max(best, (g[j] - cost[i, j]) / eps)
-        top[i] = best
-        for j in range(r):
-            t = (g[j] - cost[i, j]) / eps - best
-            kern[i, j] = math.exp(t) if t > -flush else 0.0
+        top[i] = -math.inf
+    for j in range(r):
+        shift = g[j] / eps
+        for i in range(n):
+            top[i] = max(top[i], logit[j, i] + shift)
+    for j in range(r):
+        shift = g[j] / eps
+        for i in range(n):
+            t = logit[j, i] + shift - top[i]
+            kern[j, i] = math.exp(t) if t > -flush else 0.0
+    total = 0.0
+    for i in range(n):
+        total += top[i]
+    return total
 
 
-def _evaluate(cost, g, b, eps, ref, kern, top, scaled, sigma, c):
-    """Semi-dual value at g; fills sigma [n, r] (softmax over the anchors) and c (anchor marginals)."""
-    n, r = cost.shape
+def _evaluate(logit, g, b, eps, ref, kern, top, scaled, total, sigma, c):
+    """Semi-dual value at g; fills sigma [r, n] (softmax over the anchors, anchors-major) and c (anchor
+    marginals). top[n] holds Σ_i top_i (see ``_rebase``)."""
+    r, n = logit.shape
     lo, hi = math.inf, -math.inf
     for j in range(r):
         d = (g[j] - ref[j]) / eps
         lo, hi = min(lo, d), max(hi, d)
     if hi - lo > SPREAD:
-        _rebase(cost, g, eps, FLUSH, ref, kern, top)
+        top[n] = _rebase(logit, g, eps, FLUSH, ref, kern, top)
         lo, hi = 0.0, 0.0
     value = 0.0
     for j in range(r):
         scaled[j] = math.exp((g[j] - ref[j]) / eps - hi)
-        c[j] = 0.0
         value += b[j] * g[j]
-    product, logs = 1.0, 0.0
     for i in range(n):
-        total = 0.0
-        for j in range(r):
-            sigma[i, j] = kern[i, j] * scaled[j]
-            total += sigma[i, j]
-        inv = 1.0 / total
-        for j in range(r):
-            sigma[i, j] *= inv
-            c[j] += sigma[i, j]
-        logs += top[i]
-        product *= total  # each total is in [e^−SPREAD, r]: one log per stretch of rows, not one per row
-        if product > 1e250 or product < 1e-250:
+        total[i] = 0.0
+    for j in range(r):
+        f = scaled[j]
+        for i in range(n):
+            v = kern[j, i] * f
+            sigma[j, i] = v
+            total[i] += v
+    for i in range(n):
+        total[i] = 1.0 / total[i]
+    for j in range(r):
+        acc = 0.0
+        for i in range(n):
+            v = sigma[j, i] * total[i]
+            sigma[j, i] = v
+            acc += v
+        c[j] = acc / n
+    logs, product = 0.0, 1.0
+    for i in range(n):  # 1/total is in [1/r, e^SPREAD]: one log per 16 rows, not one per row
+        product *= total[i]
+        if i % 16 == 15:
             logs += math.log(product)
             product = 1.0
-    for j in range(r):
-        c[j] /= n
-    return value - eps * (logs + math.log(product) + n * hi) / n
+    return value - eps * (top[n] - logs - math.log(product) + n * hi) / n
 
 
 def _error(c, b):
@@ -165,18 +181,18 @@ def _solve_small(a, rhs, out):
     return True
 
 
-def _solve_row(cost, b, log_b, eps, tol, budget, step_cap, g, work, hess, damped):
-    """Semi-dual ascent from g (or 0, where 0 is higher) to tolerance; returns (error, steps); σ in work[4]."""
-    n, r = cost.shape
-    ref, kern, top, scaled, sigma, c, t_sigma, t_c, rhs, delta, trial_g = work
-    _rebase(cost, g, eps, FLUSH, ref, kern, top)
-    value = _evaluate(cost, g, b, eps, ref, kern, top, scaled, sigma, c)
+def _solve_row(logit, b, log_b, eps, tol, budget, step_cap, g, work, hess, damped):
+    """Semi-dual ascent from g (or 0, where 0 is higher) to tolerance; returns (error, steps); σ in work[5]."""
+    r, n = logit.shape
+    ref, kern, top, scaled, total, sigma, c, t_sigma, t_c, rhs, delta, trial_g = work
+    top[n] = _rebase(logit, g, eps, FLUSH, ref, kern, top)
+    value = _evaluate(logit, g, b, eps, ref, kern, top, scaled, total, sigma, c)
     lo, hi = math.inf, -math.inf
     for j in range(r):
         lo, hi = min(lo, g[j] / eps), max(hi, g[j] / eps)
     if hi - lo <= SPREAD:  # 0 is within reach of this kernel: start from it where it is higher
         trial_g[:] = 0.0
-        zero_value = _evaluate(cost, trial_g, b, eps, ref, kern, top, scaled, t_sigma, t_c)
+        zero_value = _evaluate(logit, trial_g, b, eps, ref, kern, top, scaled, total, t_sigma, t_c)
         if zero_value >= value:
             value = zero_value
             g[:] = 0.0
@@ -189,18 +205,18 @@ def _solve_row(cost, b, log_b, eps, tol, budget, step_cap, g, work, hess, damped
         steps += 1
         for j in range(r):  # Sinkhorn update of the anchors
             g[j] += eps * (log_b[j] - math.log(max(c[j], 1e-300)))
-        value = _evaluate(cost, g, b, eps, ref, kern, top, scaled, sigma, c)
-        hess[:, :] = 0.0  # −ε·n × Hessian: the graph Laplacian of σᵀσ's off-diagonal weights
-        for i in range(n):
-            for j in range(r):
-                for k in range(j + 1, r):
-                    w = sigma[i, j] * sigma[i, k]
-                    hess[j, k] -= w
-                    hess[j, j] += w
+        value = _evaluate(logit, g, b, eps, ref, kern, top, scaled, total, sigma, c)
+        for j in range(r):  # −ε·n × Hessian: the graph Laplacian of σσᵀ's off-diagonal weights
+            hess[j, j] = 0.0
         for j in range(r):
             for k in range(j + 1, r):
-                hess[k, j] = hess[j, k]
-                hess[k, k] -= hess[j, k]
+                acc = 0.0
+                for i in range(n):
+                    acc += sigma[j, i] * sigma[k, i]
+                hess[j, k] = -acc
+                hess[k, j] = -acc
+                hess[j, j] += acc
+                hess[k, k] += acc
         for _tries in range(4):
             for j in range(r):
                 for k in range(r):
@@ -216,7 +232,7 @@ def _solve_row(cost, b, log_b, eps, tol, budget, step_cap, g, work, hess, damped
             shrink = step_cap / size if size > step_cap else 1.0
             for j in range(r):
                 trial_g[j] = g[j] + shrink * delta[j]
-            trial = _evaluate(cost, trial_g, b, eps, ref, kern, top, scaled, t_sigma, t_c)
+            trial = _evaluate(logit, trial_g, b, eps, ref, kern, top, scaled, total, t_sigma, t_c)
             flat = trial >= value - 1e-14 * max(abs(value), 1.0)
             if trial > value or (flat and _error(t_c, b) < _error(c, b)):
                 g[:] = trial_g
@@ -231,65 +247,72 @@ def _solve_row(cost, b, log_b, eps, tol, budget, step_cap, g, work, hess, damped
 
 
 def _forward_rows(s, mode, anchors, counts, eps, tol, budget, tiny, plan, points, kappas, pots, errors, used):
-    """Per row of s [B, n]: points, cost, ε → 0 start, solve, and the exact plan (rows sum to 1) at the result."""
+    """Per row of s [B, n]: points, cost, ε → 0 start, solve, and the plan (rows sum to 1) at the result."""
     batch, n = s.shape
     r = anchors.shape[0]
     b = np.empty(r)
     for j in range(r):
         b[j] = counts[j] / n
     log_b = np.log(b)
-    work = (np.empty(r), np.empty((n, r)), np.empty(n), np.empty(r), np.empty((n, r)), np.empty(r),
-            np.empty((n, r)), np.empty(r), np.empty(r), np.empty(r), np.empty(r))
+    work = (np.empty(r), np.empty((r, n)), np.empty(n + 1), np.empty(r), np.empty(n), np.empty((r, n)),
+            np.empty(r), np.empty((r, n)), np.empty(r), np.empty(r), np.empty(r), np.empty(r))
     hess = np.empty((r, r))
     damped = np.empty((r, r))
-    cost = np.empty((n, r))
+    logit = np.empty((r, n))
     g = np.empty(r)
     largest = np.empty(n - counts[0] + 1)
     for row in range(batch):
         x = points[row]
         kappa = _points(s[row], mode, anchors, tiny, x)
         lo, hi = math.inf, -math.inf
+        for j in range(r):
+            for i in range(n):
+                cost = kappa * (x[i] - anchors[j]) ** 2
+                lo, hi = min(lo, cost), max(hi, cost)
+                logit[j, i] = cost / -eps
+        _hard_start(x, anchors, counts, kappa, largest, g)
+        errors[row], used[row] = _solve_row(logit, b, log_b, eps, tol, budget, 2 * max(hi - lo, 1e-12), g, work,
+                                            hess, damped)
+        sigma = work[5]  # σ at the final potentials
         for i in range(n):
             for j in range(r):
-                cost[i, j] = kappa * (x[i] - anchors[j]) ** 2
-                lo, hi = min(lo, cost[i, j]), max(hi, cost[i, j])
-        _hard_start(x, anchors, counts, kappa, largest, g)
-        errors[row], used[row] = _solve_row(cost, b, log_b, eps, tol, budget, 2 * max(hi - lo, 1e-12), g, work,
-                                            hess, damped)
-        plan[row, :, :] = work[4]  # σ at the final potentials
+                plan[row, i, j] = sigma[j, i]
         kappas[row] = kappa
         pots[row, :] = g
 
 
 def _backward_rows(grad, plan, s, points, kappas, mode, anchors, eps, tiny, max_amplification, out):
     """dL/ds [B, n] from dL/dP [B, n, r] for the plan P = n·π (rows sum to 1): the implicit gradient of
-    ``losses.difftopk.sinkhorn`` (Schur complement as a graph Laplacian, one potential pinned; a singular or
-    amplifying system by the pseudo-inverse, rtol 1e−12) and the chain through the cost to the scores."""
+    ``losses.difftopk.sinkhorn`` and the chain through the cost to the scores.
+
+    Written in the rows' pairwise couplings P_ij·P_il, with Σ_l P_il = 1 used to cancel analytically what
+    the direct form cancels in floating point: the Schur complement is the graph Laplacian of the weights
+    Σ_i P_ij P_il / n, its right-hand side rhs_j = Σ_i Σ_l P_ij P_il (G_ij − G_il)/ε, and
+    dL/dC_ij = P_ij Σ_l P_il ((G_il − G_ij)/ε + (w_j − w_l)/n). On a nearly hard plan (couplings of 1e−28)
+    the direct form's right-hand side is rounding noise that the tiny Schur system then amplifies. One
+    potential is pinned; a singular or amplifying system goes through the pseudo-inverse (rtol 1e−12)."""
     batch, n, r = grad.shape
-    weighted = np.empty((n, r))
-    rows = np.empty(n)
-    col = np.empty(r)
     schur = np.empty((r - 1, r - 1))
     full = np.empty((r, r))
-    rhs = np.empty(r - 1)
+    rhs_full = np.empty(r)
     w = np.zeros(r)
     d_cost = np.empty((n, r))
     d_x = np.empty(n)
+    h = np.empty(r)
+    inv_eps, inv_n = 1.0 / eps, 1.0 / n
     for row in range(batch):
         p = plan[row]
-        col[:] = 0.0
-        for i in range(n):
-            rows[i] = 0.0
-            for j in range(r):
-                v = grad[row, i, j] * p[i, j] / eps  # W = (dL/dπ)∘π/ε with dL/dπ = n·dL/dP and π = P/n
-                weighted[i, j] = v
-                rows[i] += v
-                col[j] += v
-        full[:, :] = 0.0  # diag(b) − ππᵀ/a, from its off-diagonal weights Σ_i P_ij P_iq / n
+        gr = grad[row]
+        full[:, :] = 0.0
+        rhs_full[:] = 0.0
         for i in range(n):
             for j in range(r):
                 for q in range(j + 1, r):
-                    full[j, q] += p[i, j] * p[i, q]
+                    coupling = p[i, j] * p[i, q]
+                    full[j, q] += coupling
+                    t = coupling * (gr[i, j] - gr[i, q])
+                    rhs_full[j] += t
+                    rhs_full[q] -= t
         for j in range(r):
             for q in range(j + 1, r):
                 weight = full[j, q] / n
@@ -298,17 +321,13 @@ def _backward_rows(grad, plan, s, points, kappas, mode, anchors, eps, tiny, max_
                 full[j, j] += weight
                 full[q, q] += weight
         size, scale = 0.0, 0.0
+        rhs = rhs_full[:r - 1] / eps
         for j in range(r - 1):
-            acc = col[j]
-            for i in range(n):
-                acc -= p[i, j] * rows[i]
-            rhs[j] = acc
-            scale = max(scale, abs(acc))
+            scale = max(scale, abs(rhs[j]))
             for q in range(r - 1):
                 schur[j, q] = full[j, q]
                 size = max(size, abs(full[j, q]))
-        work = schur.copy()
-        ok = _solve_small(work, rhs.copy(), w[:r - 1])
+        ok = _solve_small(schur.copy(), rhs.copy(), w[:r - 1])
         largest = 0.0
         for j in range(r - 1):
             largest = max(largest, abs(w[j]))
@@ -316,12 +335,13 @@ def _backward_rows(grad, plan, s, points, kappas, mode, anchors, eps, tiny, max_
             w[:r - 1] = np.linalg.pinv(schur, 1e-12) @ rhs  # zeroes the directions below float64 resolution
         w[r - 1] = 0.0
         for i in range(n):
-            acc = 0.0
+            for q in range(r):
+                h[q] = gr[i, q] * inv_eps - w[q] * inv_n
             for j in range(r):
-                acc += w[j] * p[i, j]
-            u = n * rows[i] - acc
-            for j in range(r):
-                d_cost[i, j] = p[i, j] / n * (u + w[j]) - weighted[i, j]
+                acc = 0.0
+                for q in range(r):
+                    acc += p[i, q] * (h[q] - h[j])
+                d_cost[i, j] = p[i, j] * acc
         x = points[row]
         kappa = kappas[row]
         d_kappa = 0.0
