@@ -7,7 +7,8 @@ C_ij = (s_i − a_j)² and an entropic regulariser ε; the soft top-k mask is A 
 k receives the largest score, anchor k−r+1 the r-th, anchor 0 the rest, so one plan gives every top-r
 mask (r ≤ k). The plan is solved to tolerance by ``losses.difftopk.sinkhorn.entropic_plan`` (Sinkhorn
 + damped Newton on the semi-dual, started from the ε → 0 potentials; ``SinkhornNotConverged`` if the
-tolerance is missed, so the run fails) and differentiated implicitly at the optimum, as in the paper.
+tolerance is missed, so the run fails) and differentiated implicitly at the optimum, as in the paper;
+on the CPU, scores to plan and back in one compiled call each (``losses.difftopk.anchor_ot``).
 
 Choices the paper leaves open, and ours:
 * The cost is divided by its per-sample maximum (as the authors' code does), so ε is relative and the

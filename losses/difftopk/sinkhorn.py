@@ -20,7 +20,9 @@ Not part of the released difftopk code; built here as follows.
   without a start, ε-scaling from the cost range (÷ 8 per stage). Plain Sinkhorn needs O(C/ε) sweeps
   (20,000 leave 1e−5 marginal errors at ε = 1/16 in rank units); this takes a few steps at any ε.
   On the CPU the same steps run compiled per sample (``losses.difftopk.semidual``, numba); the torch
-  version (``_newton_stage``, batched) serves other devices.
+  version (``_newton_stage``, batched) serves other devices. ``sinkhorn_topk`` and ``soft_topk`` on the
+  CPU go further (``fused_plan``, ``losses.difftopk.anchor_ot``): scores to plan and plan gradient to
+  score gradient in one compiled call each (``COMPILED`` = False gives them the cost-level path).
 * Convergence: every anchor's mass within ``tolerance`` (relative) of its target. A solve that does
   not get there within ``iterations`` Newton steps raises ``SinkhornNotConverged`` (a run is then
   recorded ``failed`` with this reason) rather than training on with a wrong gradient.
