@@ -201,11 +201,14 @@ def _solve_row(logit, b, log_b, eps, tol, budget, step_cap, g, work, hess, dampe
     steps = 0
     err = _error(c, b)
     mu = 1e-6
+    newton = False  # the last Newton step was taken undamped: the next needs no Sinkhorn update first
     while err > tol and steps < budget:
         steps += 1
-        for j in range(r):  # Sinkhorn update of the anchors
-            g[j] += eps * (log_b[j] - math.log(max(c[j], 1e-300)))
-        value = _evaluate(logit, g, b, eps, ref, kern, top, scaled, total, sigma, c)
+        if not newton:
+            for j in range(r):  # Sinkhorn update of the anchors
+                g[j] += eps * (log_b[j] - math.log(max(c[j], 1e-300)))
+            value = _evaluate(logit, g, b, eps, ref, kern, top, scaled, total, sigma, c)
+        newton = False
         for j in range(r):  # −ε·n × Hessian: the graph Laplacian of σσᵀ's off-diagonal weights
             hess[j, j] = 0.0
         for j in range(r):
@@ -239,6 +242,7 @@ def _solve_row(logit, b, log_b, eps, tol, budget, step_cap, g, work, hess, dampe
                 c[:] = t_c
                 sigma[:, :] = t_sigma
                 value = trial
+                newton = mu <= 1e-6 and shrink == 1.0
                 mu = max(mu / 4, 1e-12)
                 break
             mu *= 16
