@@ -292,7 +292,8 @@ def _backward_rows(grad, plan, s, points, kappas, mode, anchors, eps, tiny, max_
     Written in the rows' pairwise couplings P_ij·P_il, with Σ_l P_il = 1 used to cancel analytically what
     the direct form cancels in floating point: the Schur complement is the graph Laplacian of the weights
     Σ_i P_ij P_il / n, its right-hand side rhs_j = Σ_i Σ_l P_ij P_il (G_ij − G_il)/ε, and
-    dL/dC_ij = P_ij Σ_l P_il ((G_il − G_ij)/ε + (w_j − w_l)/n). On a nearly hard plan (couplings of 1e−28)
+    dL/dC_ij = P_ij Σ_l P_il (h_il − h_ij) with h_il = G_il/ε − w_l/n (term by term where P_ij > 1/2, else
+    as the P-weighted mean of h_i minus h_ij). On a nearly hard plan (couplings of 1e−28)
     the direct form's right-hand side is rounding noise that the tiny Schur system then amplifies. One
     potential is pinned; a singular or amplifying system goes through the pseudo-inverse (rtol 1e−12)."""
     batch, n, r = grad.shape
@@ -339,12 +340,17 @@ def _backward_rows(grad, plan, s, points, kappas, mode, anchors, eps, tiny, max_
             w[:r - 1] = np.linalg.pinv(schur, 1e-12) @ rhs  # zeroes the directions below float64 resolution
         w[r - 1] = 0.0
         for i in range(n):
+            mean = 0.0
             for q in range(r):
                 h[q] = gr[i, q] * inv_eps - w[q] * inv_n
+                mean += p[i, q] * h[q]
             for j in range(r):
-                acc = 0.0
-                for q in range(r):
-                    acc += p[i, q] * (h[q] - h[j])
+                if p[i, j] > 0.5:  # Σ_q P_iq (h_q − h_j) term by term: mean − h_j would cancel to noise
+                    acc = 0.0
+                    for q in range(r):
+                        acc += p[i, q] * (h[q] - h[j])
+                else:
+                    acc = mean - h[j]
                 d_cost[i, j] = p[i, j] * acc
         x = points[row]
         kappa = kappas[row]
