@@ -38,6 +38,7 @@ import math
 
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
 from losses.difftopk import anchor_ot
 from losses.difftopk.semidual import plan_backward, plan_of_potentials, solve_semi_dual, solve_systems
@@ -254,6 +255,7 @@ class _FusedPlan(torch.autograd.Function):
         return torch.from_numpy(plan).to(s.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_plan):  # type: ignore[override]
         s64, plan, points, kappas, mode, a, eps, tiny = ctx.state
         grad = anchor_ot.fused_backward(grad_plan.detach().double().contiguous().numpy(), plan, s64, points, kappas,
