@@ -4,7 +4,8 @@ One compiled call does the whole forward of a batch — the points and the cost 
 ε → 0 start, the semi-dual solve, the plan — and one the whole backward — the implicit gradient
 (``losses.difftopk.sinkhorn``) and its chain back to the scores. The solver is the one of
 ``losses.difftopk.semidual`` (a Sinkhorn update of the anchor potentials, then a damped Newton step
-kept when it raises the semi-dual; every row to its own tolerance); what changes is the cost of an
+kept when it raises the semi-dual; every row to its own tolerance), except that after an undamped
+Newton step (the quadratic phase) the next step is Newton alone; what changes most is the cost of an
 evaluation. The rows' logits are (g_j − C_ij)/ε; they are exponentiated once at a reference g⁰,
 K_ij = exp((g⁰_j − C_ij)/ε − max_j), and an evaluation at g = g⁰ + Δ takes r exps, exp(Δ_j/ε − max Δ/ε),
 and n·r products instead of n·r exps. The reference moves to g when max − min of Δ/ε exceeds
