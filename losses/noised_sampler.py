@@ -60,17 +60,19 @@ def fill_tables(w: float, q: np.ndarray, haz: np.ndarray, lam: np.ndarray, mid: 
 
 
 def _next(st):  # type: ignore[no-untyped-def]
-    """SplitMix64: advance the state st[0] and return 64 random bits."""
-    st[0] += np.uint64(0x9E3779B97F4A7C15)
-    z = st[0]
+    """SplitMix64: (advanced state, 64 random bits). The state is a scalar passed in and out (not an array:
+    numba reference-counts arrays at every inlined call, which cost a third of the sampler's time)."""
+    st += np.uint64(0x9E3779B97F4A7C15)
+    z = st
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+    return st, z ^ (z >> np.uint64(31))
 
 
 def _unif(st):  # type: ignore[no-untyped-def]
-    """Uniform on the open interval (0, 1), 53 bits."""
-    return (float(_next_jit(st) >> np.uint64(11)) + 0.5) * 1.1102230246251565e-16
+    """(state, uniform on the open interval (0, 1), 53 bits)."""
+    st, bits = _next_jit(st)
+    return st, (float(bits >> np.uint64(11)) + 0.5) * 1.1102230246251565e-16
 
 
 def _ziggurat_tables(c: int = 128, r: float = 3.442619855899, v: float = 9.91256303526217e-3):
@@ -88,42 +90,77 @@ _ZX, _ZR = _ziggurat_tables()
 _ZIG_R = 3.442619855899
 
 
-def _normal(st, nz):  # type: ignore[no-untyped-def]
-    """Standard normal by the ziggurat (ZIGNOR: 128 layers, Marsaglia's tail beyond R); nz is unused."""
+def _normal(st):  # type: ignore[no-untyped-def]
+    """(state, standard normal) by the ziggurat (ZIGNOR: 128 layers, Marsaglia's tail beyond R)."""
     while True:
-        bits = _next_jit(st)
+        st, bits = _next_jit(st)
         u = 2.0 * ((float(bits >> np.uint64(11)) + 0.5) * 1.1102230246251565e-16) - 1.0
         i = int(bits & np.uint64(0x7F))  # the low bits, not those of u
         if abs(u) < _ZR[i]:
-            return u * _ZX[i]
+            return st, u * _ZX[i]
         if i == 0:  # the base layer's tail
             while True:
-                x = math.log(_unif_jit(st)) / _ZIG_R
-                y = math.log(_unif_jit(st))
+                st, u1 = _unif_jit(st)
+                st, u2 = _unif_jit(st)
+                x = math.log(u1) / _ZIG_R
+                y = math.log(u2)
                 if -2.0 * y >= x * x:
-                    return x - _ZIG_R if u < 0.0 else _ZIG_R - x
+                    return st, (x - _ZIG_R if u < 0.0 else _ZIG_R - x)
         x = u * _ZX[i]
         f0 = math.exp(-0.5 * (_ZX[i] * _ZX[i] - x * x))
         f1 = math.exp(-0.5 * (_ZX[i + 1] * _ZX[i + 1] - x * x))
-        if f1 + _unif_jit(st) * (f0 - f1) < 1.0:
-            return x
+        st, u1 = _unif_jit(st)
+        if f1 + u1 * (f0 - f1) < 1.0:
+            return st, x
 
 
-def _tn_above(a, lam, st, nz):  # type: ignore[no-untyped-def]
+def _ziggurat_exp_tables(c: int = 256, r: float = 7.69711747013104972, v: float = 3.949659822581572e-3):
+    """Layer edges X (X[0] = v/f(r) the base strip's width, X[1] = r, …, X[c] = 0), ratios R = X[i+1]/X[i] and
+    heights F = e^{−X} of Marsaglia & Tsang's (2000) 256-layer ziggurat for Exp(1)."""
+    x = np.zeros(c + 1)
+    x[0], x[1] = v / math.exp(-r), r
+    for i in range(2, c):
+        x[i] = -math.log(v / x[i - 1] + math.exp(-x[i - 1]))
+    return x, x[1:] / x[:-1], np.exp(-x)
+
+
+_EX, _ER, _EF = _ziggurat_exp_tables()
+_EXP_R = 7.69711747013104972
+
+
+def _exponential(st):  # type: ignore[no-untyped-def]
+    """(state, Exp(1)) by the ziggurat: one 64-bit draw and a table look-up in ~99% of the calls (a logarithm
+    costs more, and the sampler needs one or two exponentials per proposal)."""
+    while True:
+        st, bits = _next_jit(st)
+        u = (float(bits >> np.uint64(11)) + 0.5) * 1.1102230246251565e-16
+        i = int(bits & np.uint64(0xFF))  # the low bits, not those of u
+        x = u * _EX[i]
+        if u < _ER[i]:  # inside the layer's rectangle below the next edge
+            return st, x
+        st, u1 = _unif_jit(st)
+        if i == 0:  # the base strip beyond r: the tail is r + Exp(1) (memoryless)
+            return st, _EXP_R - math.log(u1)
+        # the wedge between X[i+1] and X[i]: a uniform height in the layer, accepted below the density
+        if _EF[i] + u1 * (_EF[i + 1] - _EF[i]) < math.exp(-x):
+            return st, x
+
+
+def _tn_above(a, lam, st):  # type: ignore[no-untyped-def]
     """Z ~ N(0, 1) conditioned on Z > a (a = −inf: no condition). a < 0.3: rejection from N(0, 1) (acceptance
     ≥ 0.38); else Robert's (1995) translated exponential with rate lam = (a + √(a² + 4))/2 (acceptance
-    ≥ 0.8), with the squeeze e^{−x} ≥ 1 − x sparing most exponentials."""
+    ≥ 0.8), accepted iff U ≤ e^{−d}, i.e. iff an Exp(1) draw is ≥ d (both exponentials from the ziggurat)."""
     if a < 0.3:
         while True:
-            z = _normal_jit(st, nz)
+            st, z = _normal_jit(st)
             if z > a:
-                return z
+                return st, z
     while True:
-        z = a - math.log(_unif_jit(st)) / lam
-        d = 0.5 * (z - lam) * (z - lam)
-        u = _unif_jit(st)
-        if u <= 1.0 - d or u <= math.exp(-d):
-            return z
+        st, e1 = _exp_jit(st)
+        st, e2 = _exp_jit(st)
+        z = a + e1 / lam
+        if e2 >= 0.5 * (z - lam) * (z - lam):
+            return st, z
 
 
 def _minmax(row):  # type: ignore[no-untyped-def]
@@ -202,8 +239,10 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
     cum = np.zeros(J + 2, np.int64)
     fill = np.empty(J + 2, np.int64)
     lst = np.empty(n, np.int64)
-    vals = np.empty(n, np.float64)
-    idx = np.empty(n, np.int64)
+    vals = np.empty((max(ns, 1), n), np.float64)  # exceedances of each draw
+    idx = np.empty((max(ns, 1), n), np.int64)
+    cnt = np.zeros(max(ns, 1), np.int64)
+    tmp = np.empty(n, np.int64)
     mark = np.zeros(n, np.uint8)
     # per non-empty near bucket: first list slot, size, q, hazard, truncation point, Robert rate
     b_start = np.empty(J, np.int64)
@@ -213,14 +252,10 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
     b_a = np.empty(J)
     b_lam = np.empty(J)
     q, haz, lam, mid = np.empty(_NT), np.empty(_NT), np.empty(_NT), np.empty(_NM)
-    st = np.empty(1, np.uint64)
-    nz = np.zeros(2)
     target = k1 + 2.0 * math.sqrt(k1) + 1.0
     for b in range(nb):
         row = s[b]
-        st[0] = seed + np.uint64(b) * np.uint64(0xD1B54A32D192ED03)
-        _next_jit(st)
-        nz[0] = 0.0
+        st, _ = _next_jit(seed + np.uint64(b) * np.uint64(0xD1B54A32D192ED03))
         m, mn = _minmax_jit(row)
         # --- bucket width: W·ε, wider when the row spans more than J − 1 buckets
         w = W
@@ -272,7 +307,11 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
             j0 = hi
         t0 = m - j0 * delta
         gnear = min(gmax + 1, max(j0 + DFAR, 0))  # buckets 0..gnear−1 walk on their own, the rest share one
-        # --- list the near entries bucket by bucket, and the buckets' constants
+        afar = DFAR * w
+        hfar = haz[_NT - 1]
+        lfar = lam[_NT - 1]
+        # --- list the near entries bucket by bucket (a branch-free compaction, then a counting sort of the
+        # compacted ones only), and the buckets' constants
         nne = 0
         pos = 0
         for g in range(gnear):
@@ -289,88 +328,108 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
                 nne += 1
             pos += hist[g]
         nnear = pos
-        if 8 * nnear > n:  # branch-free: far entries go to a scratch tail (no mispredicted branches)
-            fill[gnear] = nnear
-            for i in range(n):
-                g = min(code[i], gnear)
-                lst[fill[g]] = i
-                fill[g] += 1
-        elif nnear > 0:  # few near entries: a rarely taken branch is cheaper
+        if nnear == n:
             for i in range(n):
                 g = code[i]
-                if g < gnear:
-                    lst[fill[g]] = i
-                    fill[g] += 1
-        afar = DFAR * w
-        hfar = haz[_NT - 1]
-        lfar = lam[_NT - 1]
-        for j in range(ns):
-            cnt = 0
-            e = -math.log(_unif_jit(st))
-            for u in range(nne):
-                ng = b_size[u]
-                base = b_start[u]
-                qq = b_q[u]
-                a = b_a[u]
-                if qq >= QB:  # dense bucket: every entry's normal is drawn in full (cheaper than thinning)
-                    for p in range(ng):
-                        i = lst[base + p]
-                        vals[cnt] = float(row[i]) + eps * _normal_jit(st, nz)
-                        idx[cnt] = i
-                        cnt += vals[cnt] > t0  # kept iff it exceeds t0 (branch-free)
-                    continue
-                h = b_h[u]
-                p = 0
-                while True:  # sparse bucket: exponential gaps of the Poisson walk, e carried between buckets
-                    f = e / h
-                    if not f < ng - p:
-                        e -= (ng - p) * h
-                        break
-                    p += int(f)
+                lst[fill[g]] = i
+                fill[g] += 1
+        elif nnear > 0:
+            c = 0
+            for i in range(n):  # branch-free: near ones are kept
+                tmp[c] = i
+                c += code[i] < gnear
+            for u in range(nnear):
+                i = tmp[u]
+                g = code[i]
+                lst[fill[g]] = i
+                fill[g] += 1
+        # --- all ns draws at once: bucket by bucket over the grid (entry, draw), exceedances of draw j in
+        # vals[j, :cnt[j]] (the Poisson walks run over the concatenated grids, e carried between them)
+        cnt[:] = 0
+        st, e = _exp_jit(st)
+        for u in range(nne):
+            ng = b_size[u]
+            base = b_start[u]
+            if b_q[u] >= QB:  # dense bucket: every entry's normal is drawn in full (cheaper than thinning)
+                for p in range(ng):
                     i = lst[base + p]
-                    vals[cnt] = float(row[i]) + eps * _tn_above_jit(a, b_lam[u], st, nz)
-                    idx[cnt] = i
-                    cnt += vals[cnt] > t0
-                    p += 1
-                    e = -math.log(_unif_jit(st))
-            if nnear < n:  # far entries: one walk over all positions, near ones skipped
-                p = 0
-                while True:
-                    f = -math.log(_unif_jit(st)) / hfar
-                    if not f < n - p:
-                        break
-                    i = p + int(f)
-                    if code[i] >= gnear:
-                        x = float(row[i]) + eps * _tn_above_jit(afar, lfar, st, nz)
-                        if x > t0:
-                            vals[cnt] = x
-                            idx[cnt] = i
-                            cnt += 1
-                    p = i + 1
-            if cnt >= k1:
-                r = _select_jit(vals, idx, cnt, k1)
-                out_val[b, j] = vals[r]
-                out_idx[b, j] = idx[r]
+                    si = float(row[i])
+                    for j in range(ns):
+                        st, z = _normal_jit(st)
+                        x = si + eps * z
+                        c = cnt[j]
+                        vals[j, c] = x
+                        idx[j, c] = i
+                        cnt[j] = c + (x > t0)  # kept iff it exceeds t0 (branch-free)
+                continue
+            h = b_h[u]
+            a = b_a[u]
+            tot = ng * ns
+            pp = 0
+            while True:  # sparse bucket: exponential gaps of the Poisson walk over its ng·ns grid
+                f = e / h
+                if not f < tot - pp:
+                    e -= (tot - pp) * h
+                    break
+                pp += int(f)
+                p = pp // ns
+                j = pp - p * ns
+                i = lst[base + p]
+                st, z = _tn_above_jit(a, b_lam[u], st)
+                x = float(row[i]) + eps * z
+                c = cnt[j]
+                vals[j, c] = x
+                idx[j, c] = i
+                cnt[j] = c + (x > t0)
+                pp += 1
+                st, e = _exp_jit(st)
+        if nnear < n:  # far entries: one walk over all (position, draw) pairs, near ones skipped
+            tot = n * ns
+            pp = 0
+            while True:
+                st, f = _exp_jit(st)
+                f /= hfar
+                if not f < tot - pp:
+                    break
+                pp += int(f)
+                i = pp // ns
+                if code[i] >= gnear:
+                    st, z = _tn_above_jit(afar, lfar, st)
+                    x = float(row[i]) + eps * z
+                    if x > t0:
+                        j = pp - i * ns
+                        vals[j, cnt[j]] = x
+                        idx[j, cnt[j]] = i
+                        cnt[j] += 1
+                pp += 1
+        for j in range(ns):
+            cj = cnt[j]
+            vj = vals[j]
+            ij = idx[j]
+            if cj >= k1:
+                r = _select_jit(vj, ij, cj, k1)
+                out_val[b, j] = vj[r]
+                out_idx[b, j] = ij[r]
                 continue
             # fallback: fewer than k1 exceedances; the others are N(s_i, ε²) truncated to (−∞, t0]
-            for c in range(cnt):
-                mark[idx[c]] = 1
-            c2 = cnt
+            for c in range(cj):
+                mark[ij[c]] = 1
+            c2 = cj
             for i in range(n):
                 if mark[i]:
                     continue
                 si = float(row[i])
                 ai = (t0 - si) / eps
-                z = -_tn_above_jit(-ai, 0.5 * (-ai + math.sqrt(ai * ai + 4.0)), st, nz)
-                vals[c2] = si + eps * z
-                idx[c2] = i
+                st, z = _tn_above_jit(-ai, 0.5 * (-ai + math.sqrt(ai * ai + 4.0)), st)
+                vj[c2] = si - eps * z
+                ij[c2] = i
                 c2 += 1
-            for c in range(cnt):
-                mark[idx[c]] = 0
-            # the cnt exceedances are the largest; the (k1 − cnt)-th largest of the rest is the answer
-            r = _select_jit(vals[cnt:c2], idx[cnt:c2], c2 - cnt, k1 - cnt)
-            out_val[b, j] = vals[cnt + r]
-            out_idx[b, j] = idx[cnt + r]
+            for c in range(cj):
+                mark[ij[c]] = 0
+            # the cj exceedances are the largest; the (k1 − cj)-th largest of the rest is the answer
+            r = _select_jit(vj[cj:c2], ij[cj:c2], c2 - cj, k1 - cj)
+            out_val[b, j] = vj[cj + r]
+            out_idx[b, j] = ij[cj + r]
         hist[: gmax + 1] = 0
 
 
@@ -388,6 +447,7 @@ def _hinge_grad(pos, labels, w, out):  # type: ignore[no-untyped-def]
 _next_jit = _next
 _unif_jit = _unif
 _normal_jit = _normal
+_exp_jit = _exponential
 _minmax_jit = _minmax
 _tn_above_jit = _tn_above
 _select_jit = _select
@@ -408,7 +468,7 @@ def _kernel():  # type: ignore[no-untyped-def]
         g = globals()
         inline = numba.njit(cache=True, error_model="numpy", inline="always")  # no per-call array refcounts
         for name, fn in (("_next_jit", _next), ("_unif_jit", _unif), ("_normal_jit", _normal),
-                         ("_tn_above_jit", _tn_above)):
+                         ("_exp_jit", _exponential), ("_tn_above_jit", _tn_above)):
             g[name] = inline(fn)
         for name, fn in (("_select_jit", _select), ("fill_tables_jit", fill_tables), ("_expected_jit", _expected)):
             g[name] = jit(fn)
