@@ -182,37 +182,38 @@ def _minmax(row):  # type: ignore[no-untyped-def]
     return float(max(max(m0, m1), max(m2, m3))), float(min(min(n0, n1), min(n2, n3)))
 
 
-def _select(vals, idx, cnt, r):  # type: ignore[no-untyped-def]
-    """Position in vals[:cnt] of the r-th largest (idx alongside; reordered for large cnt)."""
+def _select(vals, idx, j, off, cnt, r):  # type: ignore[no-untyped-def]
+    """Position u (0 ≤ u < cnt) of the r-th largest of vals[j, off:off + cnt] (idx alongside, reordered for
+    large cnt). Rows and offsets, not slices: inlined, so that no array view is made (and reference-counted)."""
     if cnt <= 48:  # rank by counting, branch-free: cheaper than partitioning for the usual ~15 values
-        for c in range(cnt):
-            v = vals[c]
+        for c in range(off, off + cnt):
+            v = vals[j, c]
             above = 0
-            for e in range(cnt):
-                above += vals[e] > v
-            if above == r - 1:  # no ties among continuous draws
-                return c
-    lo, hi, t = 0, cnt - 1, r - 1
+            for e in range(off, off + cnt):
+                above += vals[j, e] > v
+            if above == r - 1:  # no ties among continuous draws (ties fall through to the partition)
+                return c - off
+    lo, hi, t = off, off + cnt - 1, off + r - 1
     while lo < hi:
-        p = vals[(lo + hi) // 2]
-        i, j = lo, hi
-        while i <= j:
-            while vals[i] > p:
-                i += 1
-            while vals[j] < p:
-                j -= 1
-            if i <= j:
-                vals[i], vals[j] = vals[j], vals[i]
-                idx[i], idx[j] = idx[j], idx[i]
-                i += 1
-                j -= 1
-        if t <= j:
-            hi = j
-        elif t >= i:
-            lo = i
+        p = vals[j, (lo + hi) // 2]
+        a, b = lo, hi
+        while a <= b:
+            while vals[j, a] > p:
+                a += 1
+            while vals[j, b] < p:
+                b -= 1
+            if a <= b:
+                vals[j, a], vals[j, b] = vals[j, b], vals[j, a]
+                idx[j, a], idx[j, b] = idx[j, b], idx[j, a]
+                a += 1
+                b -= 1
+        if t <= b:
+            hi = b
+        elif t >= a:
+            lo = a
         else:
             break
-    return t
+    return t - off
 
 
 def _expected(hist, cum, gmax, j0, mid):  # type: ignore[no-untyped-def]
@@ -335,9 +336,15 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
                 fill[g] += 1
         elif nnear > 0:
             c = 0
-            for i in range(n):  # branch-free: near ones are kept
-                tmp[c] = i
-                c += code[i] < gnear
+            if 16 * nnear < n:  # few near entries: a rarely taken branch is cheaper
+                for i in range(n):
+                    if code[i] < gnear:
+                        tmp[c] = i
+                        c += 1
+            else:  # branch-free: near ones are kept
+                for i in range(n):
+                    tmp[c] = i
+                    c += code[i] < gnear
             for u in range(nnear):
                 i = tmp[u]
                 g = code[i]
@@ -404,16 +411,14 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
                 pp += 1
         for j in range(ns):
             cj = cnt[j]
-            vj = vals[j]
-            ij = idx[j]
             if cj >= k1:
-                r = _select_jit(vj, ij, cj, k1)
-                out_val[b, j] = vj[r]
-                out_idx[b, j] = ij[r]
+                r = _select_jit(vals, idx, j, 0, cj, k1)
+                out_val[b, j] = vals[j, r]
+                out_idx[b, j] = idx[j, r]
                 continue
             # fallback: fewer than k1 exceedances; the others are N(s_i, ε²) truncated to (−∞, t0]
             for c in range(cj):
-                mark[ij[c]] = 1
+                mark[idx[j, c]] = 1
             c2 = cj
             for i in range(n):
                 if mark[i]:
@@ -421,15 +426,15 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
                 si = float(row[i])
                 ai = (t0 - si) / eps
                 st, z = _tn_above_jit(-ai, 0.5 * (-ai + math.sqrt(ai * ai + 4.0)), st)
-                vj[c2] = si - eps * z
-                ij[c2] = i
+                vals[j, c2] = si - eps * z
+                idx[j, c2] = i
                 c2 += 1
             for c in range(cj):
-                mark[ij[c]] = 0
+                mark[idx[j, c]] = 0
             # the cj exceedances are the largest; the (k1 − cj)-th largest of the rest is the answer
-            r = _select_jit(vj[cj:c2], ij[cj:c2], c2 - cj, k1 - cj)
-            out_val[b, j] = vj[cj + r]
-            out_idx[b, j] = ij[cj + r]
+            r = cj + _select_jit(vals, idx, j, cj, c2 - cj, k1 - cj)
+            out_val[b, j] = vals[j, r]
+            out_idx[b, j] = idx[j, r]
         hist[: gmax + 1] = 0
 
 
@@ -470,8 +475,9 @@ def _kernel():  # type: ignore[no-untyped-def]
         for name, fn in (("_next_jit", _next), ("_unif_jit", _unif), ("_normal_jit", _normal),
                          ("_exp_jit", _exponential), ("_tn_above_jit", _tn_above)):
             g[name] = inline(fn)
-        for name, fn in (("_select_jit", _select), ("fill_tables_jit", fill_tables), ("_expected_jit", _expected)):
-            g[name] = jit(fn)
+        for name, fn in (("_select_jit", _select), ("_expected_jit", _expected)):
+            g[name] = inline(fn)
+        g["fill_tables_jit"] = jit(fill_tables)
         g["_minmax_jit"] = numba.njit(cache=True, fastmath=True)(_minmax)
         g["hinge_grad"] = jit(_hinge_grad)
         _KERNEL = jit(_rows)
