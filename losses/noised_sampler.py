@@ -252,7 +252,7 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
     b_h = np.empty(J)
     b_a = np.empty(J)
     b_lam = np.empty(J)
-    q, haz, lam, mid = np.empty(_NT), np.empty(_NT), np.empty(_NT), np.empty(_NM)
+    qw, hazw, lamw, midw = np.empty(_NT), np.empty(_NT), np.empty(_NT), np.empty(_NM)  # tables of wide buckets
     target = k1 + 2.0 * math.sqrt(k1) + 1.0
     for b in range(nb):
         row = s[b]
@@ -260,14 +260,11 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
         m, mn = _minmax_jit(row)
         # --- bucket width: W·ε, wider when the row spans more than J − 1 buckets
         w = W
+        q, haz, lam, mid = q0, haz0, lam0, mid0
         if m - mn > (J - 1) * W * eps:
             w = (m - mn) / ((J - 1) * eps) * (1.0 + 1e-9)
+            q, haz, lam, mid = qw, hazw, lamw, midw
             fill_tables_jit(w, q, haz, lam, mid)
-        else:
-            q[:] = q0
-            haz[:] = haz0
-            lam[:] = lam0
-            mid[:] = mid0
         delta = w * eps
         inv = 1.0 / delta
         # --- bucket codes (bucket g holds M − (g+1)Δ < s ≤ M − gΔ) and counts; non-finite rows give NaN
