@@ -148,25 +148,36 @@ class _NoisedHinge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, labels, margin, scale, k1, epsilon, n_sample, dense):  # type: ignore[no-untyped-def, override]
         vals, pos = noised_kth(s, k1, epsilon, n_sample, dense)
+        ctx.scale, ctx.shape = scale, s.shape
+        if s.device.type == "cpu" and not dense:  # one compiled pass, not ~10 small torch ops on [B] tensors
+            from losses import noised_sampler
+
+            marg = np.full(s.shape[0], margin, np.float64) if isinstance(margin, float) else \
+                margin.detach().double().numpy()
+            active = np.empty(s.shape[0], np.bool_)
+            value = noised_sampler.hinge_forward(vals.numpy(), s.detach().numpy(), labels.numpy(), marg,
+                                                 float(scale), active)
+            ctx.save_for_backward(pos, labels, torch.from_numpy(active))
+            return torch.tensor(value, dtype=s.dtype)
         phi = vals.to(s.device).mean(dim=1).to(s.dtype)
         s_y = s.detach().gather(1, labels[:, None]).squeeze(1)
         z = scale * (margin + phi - s_y)
         ctx.save_for_backward(pos.to(s.device), labels, z > 0)
-        ctx.scale, ctx.shape = scale, s.shape
         return torch.relu(z).mean()
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def, override]
         pos, labels, active = ctx.saved_tensors
         b, _ = ctx.shape
-        w = (grad_out * ctx.scale / b) * active.to(grad_out.dtype)
         if grad_out.device.type == "cpu":  # one compiled pass writes the [B, n] gradient
             from losses import noised_sampler
 
             noised_sampler._kernel()  # compiles hinge_grad too
             grad = torch.empty(ctx.shape, dtype=grad_out.dtype)
-            noised_sampler.hinge_grad(pos.numpy(), labels.numpy(), w.detach().numpy(), grad.numpy())
+            noised_sampler.hinge_grad(pos.numpy(), labels.numpy(), active.numpy(), float(grad_out) * ctx.scale / b,
+                                      grad.numpy())
             return grad, None, None, None, None, None, None, None
+        w = (grad_out * ctx.scale / b) * active.to(grad_out.dtype)
         grad = torch.zeros(ctx.shape, dtype=grad_out.dtype, device=grad_out.device)
         grad.scatter_add_(1, pos, (w / pos.shape[1])[:, None].expand(-1, pos.shape[1]).contiguous())
         grad.scatter_add_(1, labels[:, None], -w[:, None])

@@ -227,6 +227,7 @@ def _expected(hist, cum, gmax, j0, mid):  # type: ignore[no-untyped-def]
     return tot
 
 
+DB = 8  # draws sampled together (one pass over the buckets per block of DB draws)
 QB = 0.15  # buckets with q ≥ QB draw every entry's normal; sparser ones skip by exponential gaps
 
 
@@ -240,9 +241,9 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
     cum = np.zeros(J + 2, np.int64)
     fill = np.empty(J + 2, np.int64)
     lst = np.empty(n, np.int64)
-    vals = np.empty((max(ns, 1), n), np.float64)  # exceedances of each draw
-    idx = np.empty((max(ns, 1), n), np.int64)
-    cnt = np.zeros(max(ns, 1), np.int64)
+    vals = np.empty((DB, n), np.float64)  # exceedances of each draw of a block
+    idx = np.empty((DB, n), np.int64)
+    cnt = np.zeros(DB, np.int64)
     tmp = np.empty(n, np.int64)
     mark = np.zeros(n, np.uint8)
     # per non-empty near bucket: first list slot, size, q, hazard, truncation point, Robert rate
@@ -347,103 +348,121 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
                 g = code[i]
                 lst[fill[g]] = i
                 fill[g] += 1
-        # --- all ns draws at once: bucket by bucket over the grid (entry, draw), exceedances of draw j in
-        # vals[j, :cnt[j]] (the Poisson walks run over the concatenated grids, e carried between them)
-        cnt[:] = 0
-        st, e = _exp_jit(st)
-        for u in range(nne):
-            ng = b_size[u]
-            base = b_start[u]
-            if b_q[u] >= QB:  # dense bucket: every entry's normal is drawn in full (cheaper than thinning)
-                for p in range(ng):
-                    i = lst[base + p]
-                    si = float(row[i])
-                    for j in range(ns):
-                        st, z = _normal_jit(st)
-                        x = si + eps * z
-                        c = cnt[j]
-                        vals[j, c] = x
-                        idx[j, c] = i
-                        cnt[j] = c + (x > t0)  # kept iff it exceeds t0 (branch-free)
-                continue
-            h = b_h[u]
-            a = b_a[u]
-            tot = ng * ns
-            pp = 0
-            while True:  # sparse bucket: exponential gaps of the Poisson walk over its ng·ns grid
-                f = e / h
-                if not f < tot - pp:
-                    e -= (tot - pp) * h
-                    break
-                pp += int(f)
-                p = pp // ns
-                j = pp - p * ns
-                i = lst[base + p]
-                st, z = _tn_above_jit(a, b_lam[u], st)
-                x = float(row[i]) + eps * z
-                c = cnt[j]
-                vals[j, c] = x
-                idx[j, c] = i
-                cnt[j] = c + (x > t0)
-                pp += 1
-                st, e = _exp_jit(st)
-        if nnear < n:  # far entries: one walk over all (position, draw) pairs, near ones skipped
-            tot = n * ns
-            pp = 0
-            while True:
-                st, f = _exp_jit(st)
-                f /= hfar
-                if not f < tot - pp:
-                    break
-                pp += int(f)
-                i = pp // ns
-                if code[i] >= gnear:
-                    st, z = _tn_above_jit(afar, lfar, st)
-                    x = float(row[i]) + eps * z
-                    if x > t0:
-                        j = pp - i * ns
-                        vals[j, cnt[j]] = x
-                        idx[j, cnt[j]] = i
-                        cnt[j] += 1
-                pp += 1
-        for j in range(ns):
-            cj = cnt[j]
-            if cj >= k1:
-                r = _select_jit(vals, idx, j, 0, cj, k1)
-                out_val[b, j] = vals[j, r]
-                out_idx[b, j] = idx[j, r]
-                continue
-            # fallback: fewer than k1 exceedances; the others are N(s_i, ε²) truncated to (−∞, t0]
-            for c in range(cj):
-                mark[idx[j, c]] = 1
-            c2 = cj
-            for i in range(n):
-                if mark[i]:
+        for jb in range(0, ns, DB):  # blocks of at most DB draws (bounded buffers for any n_sample)
+            nsb = min(DB, ns - jb)
+            # --- the draws of a block at once, bucket by bucket over the grid (entry, draw); exceedances of draw j
+            # in vals[j, :cnt[j]] (the Poisson walks run over the concatenated grids, e carried between them)
+            cnt[:] = 0
+            st, e = _exp_jit(st)
+            for u in range(nne):
+                ng = b_size[u]
+                base = b_start[u]
+                if b_q[u] >= QB:  # dense bucket: every entry's normal is drawn in full (cheaper than thinning)
+                    for p in range(ng):
+                        i = lst[base + p]
+                        si = float(row[i])
+                        for j in range(nsb):
+                            st, z = _normal_jit(st)
+                            x = si + eps * z
+                            c = cnt[j]
+                            vals[j, c] = x
+                            idx[j, c] = i
+                            cnt[j] = c + (x > t0)  # kept iff it exceeds t0 (branch-free)
                     continue
-                si = float(row[i])
-                ai = (t0 - si) / eps
-                st, z = _tn_above_jit(-ai, 0.5 * (-ai + math.sqrt(ai * ai + 4.0)), st)
-                vals[j, c2] = si - eps * z
-                idx[j, c2] = i
-                c2 += 1
-            for c in range(cj):
-                mark[idx[j, c]] = 0
-            # the cj exceedances are the largest; the (k1 − cj)-th largest of the rest is the answer
-            r = cj + _select_jit(vals, idx, j, cj, c2 - cj, k1 - cj)
-            out_val[b, j] = vals[j, r]
-            out_idx[b, j] = idx[j, r]
+                h = b_h[u]
+                a = b_a[u]
+                tot = ng * nsb
+                pp = 0
+                while True:  # sparse bucket: exponential gaps of the Poisson walk over its ng·nsb grid
+                    f = e / h
+                    if not f < tot - pp:
+                        e -= (tot - pp) * h
+                        break
+                    pp += int(f)
+                    p = pp // nsb
+                    j = pp - p * nsb
+                    i = lst[base + p]
+                    st, z = _tn_above_jit(a, b_lam[u], st)
+                    x = float(row[i]) + eps * z
+                    c = cnt[j]
+                    vals[j, c] = x
+                    idx[j, c] = i
+                    cnt[j] = c + (x > t0)
+                    pp += 1
+                    st, e = _exp_jit(st)
+            if nnear < n:  # far entries: one walk over all (position, draw) pairs, near ones skipped
+                tot = n * nsb
+                pp = 0
+                while True:
+                    st, f = _exp_jit(st)
+                    f /= hfar
+                    if not f < tot - pp:
+                        break
+                    pp += int(f)
+                    i = pp // nsb
+                    if code[i] >= gnear:
+                        st, z = _tn_above_jit(afar, lfar, st)
+                        x = float(row[i]) + eps * z
+                        if x > t0:
+                            j = pp - i * nsb
+                            vals[j, cnt[j]] = x
+                            idx[j, cnt[j]] = i
+                            cnt[j] += 1
+                    pp += 1
+            for j in range(nsb):
+                cj = cnt[j]
+                if cj >= k1:
+                    r = _select_jit(vals, idx, j, 0, cj, k1)
+                    out_val[b, jb + j] = vals[j, r]
+                    out_idx[b, jb + j] = idx[j, r]
+                    continue
+                # fallback: fewer than k1 exceedances; the others are N(s_i, ε²) truncated to (−∞, t0]
+                for c in range(cj):
+                    mark[idx[j, c]] = 1
+                c2 = cj
+                for i in range(n):
+                    if mark[i]:
+                        continue
+                    si = float(row[i])
+                    ai = (t0 - si) / eps
+                    st, z = _tn_above_jit(-ai, 0.5 * (-ai + math.sqrt(ai * ai + 4.0)), st)
+                    vals[j, c2] = si - eps * z
+                    idx[j, c2] = i
+                    c2 += 1
+                for c in range(cj):
+                    mark[idx[j, c]] = 0
+                # the cj exceedances are the largest; the (k1 − cj)-th largest of the rest is the answer
+                r = cj + _select_jit(vals, idx, j, cj, c2 - cj, k1 - cj)
+                out_val[b, jb + j] = vals[j, r]
+                out_idx[b, jb + j] = idx[j, r]
         hist[: gmax + 1] = 0
 
 
-def _hinge_grad(pos, labels, w, out):  # type: ignore[no-untyped-def]
-    """out[b] = w_b·(mean_j onehot(pos[b, j]) − onehot(labels[b])): the loss gradient, written in one pass."""
+def _hinge_forward(vals, s, labels, margin, scale, active):  # type: ignore[no-untyped-def]
+    """mean_b relu(scale·(margin_b + φ_b − s[b, y_b])) with φ_b = mean_j vals[b, j], and active[b] = (its
+    argument > 0): the loss forward in one pass (a NaN argument propagates to the mean, as torch.relu's)."""
+    nb, ns = vals.shape
+    tot = 0.0
+    for b in range(nb):
+        phi = 0.0
+        for j in range(ns):
+            phi += vals[b, j]
+        z = scale * (margin[b] + phi / ns - float(s[b, labels[b]]))
+        active[b] = z > 0.0
+        tot += z if not z <= 0.0 else 0.0
+    return tot / nb
+
+
+def _hinge_grad(pos, labels, active, coef, out):  # type: ignore[no-untyped-def]
+    """out[b] = w_b·(mean_j onehot(pos[b, j]) − onehot(labels[b])) with w_b = coef·active[b]: the loss gradient,
+    written in one pass."""
     nb, ns = pos.shape
     for b in range(nb):
         out[b, :] = 0.0
-        if w[b] != 0.0:
+        if active[b]:
             for j in range(ns):
-                out[b, pos[b, j]] += w[b] / ns
-            out[b, labels[b]] -= w[b]
+                out[b, pos[b, j]] += coef / ns
+            out[b, labels[b]] -= coef
 
 
 _next_jit = _next
@@ -455,7 +474,8 @@ _tn_above_jit = _tn_above
 _select_jit = _select
 _expected_jit = _expected
 fill_tables_jit = fill_tables
-hinge_grad = _hinge_grad  # replaced by the compiled version in _kernel()
+hinge_grad = _hinge_grad  # replaced by the compiled versions in _kernel()
+hinge_forward = _hinge_forward
 _KERNEL = None
 _TABLES: tuple[np.ndarray, ...] | None = None
 
@@ -477,6 +497,7 @@ def _kernel():  # type: ignore[no-untyped-def]
         g["fill_tables_jit"] = jit(fill_tables)
         g["_minmax_jit"] = numba.njit(cache=True, fastmath=True)(_minmax)
         g["hinge_grad"] = jit(_hinge_grad)
+        g["hinge_forward"] = jit(_hinge_forward)
         _KERNEL = jit(_rows)
         tables = (np.empty(_NT), np.empty(_NT), np.empty(_NT), np.empty(_NM))
         fill_tables(W, *tables)
@@ -488,7 +509,9 @@ def warm_up() -> None:
     """Compile (or load from numba's cache) the kernels for float32 scores, the common case, so that the
     first training step (and bench-loss's memory pass) does not pay for it."""
     sample_kth(np.zeros((1, 2), np.float32), 1, 1.0, 1, 0)
-    hinge_grad(np.zeros((1, 1), np.int64), np.zeros(1, np.int64), np.zeros(1, np.float32), np.zeros((1, 2), np.float32))
+    pos, labels, active = np.zeros((1, 1), np.int64), np.zeros(1, np.int64), np.zeros(1, np.bool_)
+    hinge_forward(np.zeros((1, 1)), np.zeros((1, 2), np.float32), labels, np.ones(1), 1.0, active)
+    hinge_grad(pos, labels, active, 1.0, np.zeros((1, 2), np.float32))
 
 
 def sample_kth(s: np.ndarray, k1: int, eps: float, n_sample: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
