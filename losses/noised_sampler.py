@@ -20,8 +20,11 @@ from N(s_i, ε²) truncated to (−∞, t0], which is their exact conditional la
 Cost per draw: the entries within ~1 ε of t0 plus O(k + √k) truncated normals; per row a few O(n) passes
 (vectorised max/min and bucket codes, a counting sort of the entries within 3 ε of t0).
 
-Random numbers come from SplitMix64 (Steele et al. 2014; normals by Marsaglia & Tsang's ziggurat, as
-Doornik's ZIGNOR) seeded per row from one torch draw, so
+The draws of a row are sampled together, in blocks of DB: every walk runs over a bucket's (entry, draw)
+grid, and a hit at grid position P is entry P // DB' of draw P mod DB' (DB' the block's size), which is the
+same law as one walk per draw. Random numbers come from SplitMix64 (Steele et al. 2014; normals by Marsaglia
+& Tsang's ziggurat, as Doornik's ZIGNOR; exponentials by their 256-layer ziggurat), the state a scalar passed
+through inlined functions; seeded per row from one torch draw, so
 `torch.manual_seed` makes the loss reproducible; the stream differs from pytopk's `torch.randn`, so only the
 law (not the sample) matches pytopk. Computation is float64 inside (exact up to float64 rounding of the
 bucket edges); the CPU kernel is compiled with numba (cached on disk), one thread.
