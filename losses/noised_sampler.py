@@ -17,7 +17,7 @@ s_i + εZ_i > t0. Buckets more than DFAR·W·ε (3 ε) below t0 share one walk o
 {i : s_i + εZ_i > t0} holds every noised value above t0 with its exact conditional law, the (k+1)-th
 largest is read off it whenever it has ≥ k+1 entries; otherwise (rare) the remaining entries are drawn
 from N(s_i, ε²) truncated to (−∞, t0], which is their exact conditional law given the exceedances.
-Cost per draw: the entries within ~1 ε of t0 plus O(k + √k) truncated normals; per row a few O(n) passes
+Cost per draw: the entries within ~0.7 ε of t0 plus O(k + √k) truncated normals; per row a few O(n) passes
 (vectorised max/min and bucket codes, a counting sort of the entries within 3 ε of t0).
 
 The draws of a row are sampled together, in blocks of DB: every walk runs over a bucket's (entry, draw)
@@ -231,7 +231,7 @@ def _expected(hist, cum, gmax, j0, mid):  # type: ignore[no-untyped-def]
 
 
 DB = 8  # draws sampled together (one pass over the buckets per block of DB draws)
-QB = 0.15  # buckets with q ≥ QB draw every entry's normal; sparser ones skip by exponential gaps
+QB = 0.25  # buckets with q ≥ QB draw every entry's normal; sparser ones skip by exponential gaps
 
 
 def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ignore[no-untyped-def]
