@@ -49,8 +49,8 @@ from torch import nn
 
 from harness.registry import Log, Param, register_loss
 from losses.berrada_esp import KMAX as ESP_KMAX
-from losses.berrada_esp import EspMargin
 from losses.berrada_esp import _kernel as esp_kernel
+from losses.berrada_shift import EspLoss, EspMargin, esp_margin
 from losses.common import check_k, working_precision
 from losses.reference_difftopk import berrada_smooth_reference
 
@@ -327,10 +327,13 @@ def smooth_topk_svm(
         return full.index_put((bad,), ratio), full.index_put((bad,), margin)
 
     if method == "esp" or (method == "auto" and x.device.type == "cpu" and k <= ESP_KMAX):
-        z, ok = EspMargin.apply(x, labels, k, scale)  # float64
-        if not bool(ok.all()):
-            fix, margin = tree_fix(ok, "compiled")
-            z = torch.where(ok, z, fix - margin)
+        want = torch.is_grad_enabled() and x.requires_grad
+        z, ok, grad = esp_margin(x, labels, k, scale, want)  # z float64
+        if ok.numpy().all():  # the common case: one autograd node for the whole loss
+            return EspLoss.apply(x, labels, z, grad, scale, alpha, tau)
+        z = EspMargin.apply(x, labels, z, ok, grad, scale)  # near-hard rows (not ok) from the log-space tree
+        fix, margin = tree_fix(ok, "compiled")
+        z = torch.where(ok, z, fix - margin)
         return (tau * F.softplus(alpha / tau + z)).to(x.dtype)
     if method in ("linear", "log"):
         xc, margin = shifted()

@@ -7,10 +7,11 @@ label has a_y = −∞, e_y = 0). We need r = log σ_k(e) − log σ_{k−1}(e) 
 Forward, per row (float64 arithmetic throughout):
 1. A threshold t with at least M = min(2k, n−1) elements e ≥ t: the M-th largest of the maxima of
    the 64 residue classes i mod 64 (one vectorised pass), or 0 when there are fewer classes.
-2. The elements e ≥ t form the buffer T (typically M + a few); every other element (R) goes
-   through the recurrence σ_j ← σ_j + e_i·σ_{j−1} (j = k..1) in 4 interleaved accumulator sets
-   whose polynomials are multiplied at the end. Positive terms only: each σ_j has relative error
-   ≤ (n + k)·u (u = 2⁻⁵³). Then σ = σ_R ⊗ Π_T(1 + e_t·z), with prefix and suffix products.
+2. The elements e ≥ t form the buffer T (typically M + a few), collected from the residue classes
+   whose maximum is ≥ t; every other element (R) goes through the recurrence σ_j ← σ_j + e_i·σ_{j−1}
+   (j = k..1) in LANES = 16 accumulator sets (element i in set i mod 16: the loop over the sets is
+   SIMD) whose polynomials are multiplied at the end. Positive terms only: each σ_j has relative
+   error ≤ (n + 16k)·u (u = 2⁻⁵³). Then σ = σ_R ⊗ Π_T(1 + e_t·z), with prefix and suffix products.
 
 Backward (no cancellation worth the name):
 * i ∈ R: σ_j(e∖i) = σ_j − e_i·σ_{j−1}(e∖i), j = 1..k−1. Every (j−1)-subset S of e∖i misses at
@@ -31,11 +32,13 @@ elements that count may have been rounded to subnormals or 0 — the caller reco
 float64 e; 2 the k largest e have a product below e^−GUARD (σ_k near float64 underflow, e.g.
 scores ~ 1e4 at τ = 1): the caller computes it in log space.
 
-Speed. numba has no SIMD types and does not unroll loops over a runtime k; with k unrolled into
-scalars the recurrence runs ~3× faster than with arrays, so the kernel is generated per k
+Speed. numba has no SIMD types and does not unroll loops over a runtime k; with k unrolled (one
+lane-indexed array per coefficient, the loop over the 16 lanes vectorised by LLVM; with 8 lanes the
+kernel took ~1.4× as long, 32 were no faster, on the CPUs we measured), so the kernel is generated per k
 (k ≤ KMAX) and cached on disk like the other numba kernels (under $XDG_CACHE_HOME/topk-bench/
 esp_kernels; the file is compared with the generated text before it is imported). Larger k go to
-the caller's other paths. The exponentials come from NumPy (SIMD), not from the kernel.
+the caller's other paths. The exponentials come from NumPy (SIMD), not from the kernel; the masked
+maximum and the exponent come from one compiled pass (losses/berrada_shift.py).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import math
 import os
 import sys
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +58,13 @@ import torch
 EPS_TRUNC = 2.0**-60  # relative change of σ_j allowed by truncation (below float64 rounding)
 EPS_TRUNC32 = 2.0**-40  # the same with float32 e (float32 scores): far below float32 rounding
 KMAX = 16  # largest k with a generated kernel (M = 2k must not exceed RESIDUES)
-LANES = 4  # interleaved accumulator sets in the recurrence
+LANES = 16  # accumulator sets in the recurrence (element i goes to lane i mod LANES: SIMD across lanes)
 RESIDUES = 64  # residue classes for the threshold pass (a multiple of the SIMD width)
 OK, FLOAT64, LOG_SPACE = 0, 1, 2  # row status
 _KERNELS: dict[int, object] = {}
 
 
+@lru_cache(maxsize=256)
 def esp_constants(n_other: int, k: int, eps: float = EPS_TRUNC) -> tuple[int, float, float]:
     """(M, θ, GUARD) for n_other classes besides the label (see the module docstring)."""
     m = min(2 * k, n_other)
@@ -89,9 +94,10 @@ def _push(vals, cnt, m_top, x):  # pragma: no cover - compiled
     return cnt
 
 
-def _thresholds(e, m_top, out):  # pragma: no cover - compiled
+def _thresholds(e, m_top, out, cls):  # pragma: no cover - compiled
     """Per row: the m_top-th largest of the residue-class maxima (and of the tail elements), or 0
-    if there are fewer. The class maxima are a vectorised pass (mx is local: no aliasing)."""
+    if there are fewer; cls[b] = the class maxima. The class maxima are a vectorised pass (mx is
+    local: no aliasing)."""
     batch, n = e.shape
     ng = n - n % RESIDUES
     mx = np.empty(RESIDUES, dtype=e.dtype)
@@ -106,11 +112,32 @@ def _thresholds(e, m_top, out):  # pragma: no cover - compiled
                 for q in range(RESIDUES):
                     x = blk[q]
                     mx[q] = x if x > mx[q] else mx[q]
+            cls[b] = mx
             for q in range(RESIDUES):
                 cnt = _push(cbuf, cnt, m_top, np.float64(mx[q]))
         for i in range(ng, n):
             cnt = _push(cbuf, cnt, m_top, np.float64(er[i]))
         out[b] = cbuf[m_top - 1] if cnt == m_top else 0.0
+
+
+def _collect(er, t, mx, bidx):  # pragma: no cover - compiled
+    """bidx[:nb] = the indices i with er[i] ≥ t; returns nb. Only the residue classes whose maximum
+    mx[q] is ≥ t (or NaN) can hold one, and the tail after the last full block of RESIDUES."""
+    n = er.shape[0]
+    ng = n - n % RESIDUES
+    nb = 0
+    if ng > 0:
+        for q in range(RESIDUES):
+            if not np.float64(mx[q]) < t:
+                for i in range(q, ng, RESIDUES):
+                    if np.float64(er[i]) >= t:
+                        bidx[nb] = i
+                        nb += 1
+    for i in range(ng, n):
+        if np.float64(er[i]) >= t:
+            bidx[nb] = i
+            nb += 1
+    return nb
 
 
 def _kth_and_product(bval, nb, k, kbuf):  # pragma: no cover - compiled
@@ -172,7 +199,7 @@ def _grad_buffer(gb, bval, bidx, nb, pre, suf, k, inv_k, inv_km1):  # pragma: no
         gb[bidx[q]] = bval[q] * (d1 * inv_k - d2 * inv_km1)
 
 
-_HELPERS = (_push, _thresholds, _kth_and_product, _combine, _with_buffer, _grad_buffer)
+_HELPERS = (_push, _thresholds, _collect, _kth_and_product, _combine, _with_buffer, _grad_buffer)
 
 
 # ----------------------------------------------------------------------------- the generated kernel
@@ -183,7 +210,7 @@ from numba import njit
 
 from losses.berrada_esp import _compiled_helpers
 
-_thresholds, _kth_and_product, _combine, _with_buffer, _grad_buffer = _compiled_helpers()[1:]
+_thresholds, _collect, _kth_and_product, _combine, _with_buffer, _grad_buffer = _compiled_helpers()[1:]
 
 
 @njit(cache=True, fastmath={{"contract"}})
@@ -194,8 +221,10 @@ def kernel(e, m_top, theta, floor, flush, want_grad, ratio, status, grad):
     bidx = np.empty(n, dtype=np.int64)
     kbuf = np.empty(k)
     tvals = np.empty(batch)
-    _thresholds(e, m_top, tvals)
+    cls = np.empty((batch, {residues}), dtype=e.dtype)
+    _thresholds(e, m_top, tvals, cls)
     lanes = np.zeros(({lanes}, k + 1))
+{arrays}
     sig_r = np.empty(k + 1)
     sig = np.empty(k + 1)
     pre = np.empty((n + 1, k + 1))
@@ -205,17 +234,20 @@ def kernel(e, m_top, theta, floor, flush, want_grad, ratio, status, grad):
         er = e[b]
         t = tvals[b]
         cut = theta * t
-        nb = 0
-{init}
+{zero}
+        nb = _collect(er, t, cls[b], bidx)
         for i0 in range(0, ng, {lanes}):
-{loads}
-            if {cond}:
-                for i in range(i0, i0 + {lanes}):
-{slow}
-                continue
-{fast}
+            blk = er[i0:i0 + {lanes}]
+            for q in range({lanes}):
+                x = np.float64(blk[q])
+                f = x if (x < t) & (x >= cut) else 0.0
+{update}
         for i in range(ng, n):
-{slow_tail}
+            x = np.float64(er[i])
+            f = x if (x < t) & (x >= cut) else 0.0
+            q = 0
+{update_tail}
+        for q in range({lanes}):
 {store}
         for q in range(nb):
             bval[q] = er[bidx[q]]
@@ -248,39 +280,23 @@ def kernel(e, m_top, theta, floor, flush, want_grad, ratio, status, grad):
         _grad_buffer(gb, bval, bidx, nb, pre, suf, k, inv_k, inv_km1)
 """
 
-_SLOW = """\
-x = np.float64(er[i])
-if x >= t:
-    bidx[nb] = i
-    nb += 1
-    continue
-f = x if x >= cut else 0.0"""
-
-
 def _source(k: int) -> str:
-    """The kernel's source for this k: the hot loops unrolled over the coefficients and LANES lanes."""
-    lanes = range(LANES)
+    """The kernel's source for this k: the recurrence unrolled over the coefficients, one array per
+    coefficient indexed by lane (the loop over the LANES lanes is what LLVM vectorises)."""
 
     def pad(lines: list[str], n: int) -> str:
         return "\n".join(" " * n + line for line in lines)
 
-    def update(ln: int, f: str) -> list[str]:
-        return [f"s{j}_{ln} += {f} * s{j - 1}_{ln}" if j > 1 else f"s{j}_{ln} += {f}" for j in range(k, 0, -1)]
-
-    slow = _SLOW.splitlines() + update(0, "f")
-    fast = [f"f{ln} = x{ln} if x{ln} >= cut else 0.0" for ln in lanes]
-    for ln in lanes:
-        fast += update(ln, f"f{ln}")
+    update = [f"a{j}[q] += f * a{j - 1}[q]" if j > 1 else f"a{j}[q] += f" for j in range(k, 0, -1)]
     gbody = [f"t{j} = c{j} - fv * t{j - 1}" for j in range(1, k)]
     second = f"t{k - 2} * inv_km1" if k >= 2 else "0.0"
     gbody.append(f"gb[q] = fv * (t{k - 1} * inv_k - {second})")
     return _TEMPLATE.format(
-        k=k, lanes=LANES,
-        init=pad(["; ".join(f"s{j}_{ln} = 0.0" for j in range(1, k + 1)) for ln in lanes], 8),
-        loads=pad([f"x{ln} = np.float64(er[i0 + {ln}])" for ln in lanes], 12),
-        cond=" | ".join(f"(x{ln} >= t)" for ln in lanes),
-        slow=pad(slow, 20), fast=pad(fast, 12), slow_tail=pad(slow, 12),
-        store=pad([f"lanes[{ln}, {j}] = s{j}_{ln}" for ln in lanes for j in range(1, k + 1)], 8),
+        k=k, lanes=LANES, residues=RESIDUES,
+        arrays=pad([f"a{j} = np.zeros({LANES})" for j in range(1, k + 1)], 4),
+        zero=pad([f"a{j}[:] = 0.0" for j in range(1, k + 1)], 8),
+        update=pad(update, 16), update_tail=pad(update, 12),
+        store=pad([f"lanes[q, {j}] = a{j}[q]" for j in range(1, k + 1)], 12),
         gconst=pad([f"c{j} = sig[{j}]" for j in range(1, k)] or ["pass"], 8), gbody=pad(gbody, 12))
 
 
@@ -365,46 +381,3 @@ def esp_ratio(e: torch.Tensor, k: int, want_grad: bool) -> tuple[np.ndarray, np.
     _kernel(k)(e.numpy(), m_top, theta, math.exp(-guard), flush_level(e.dtype), want_grad, ratio, status,
                grad.numpy())
     return ratio, status, (grad if want_grad else None)
-
-
-class EspMargin(torch.autograd.Function):
-    """scores [B, n] (CPU), labels [B] -> (z [B], ok [B]), z = log σ_k(e) − log σ_{k−1}(e) − a_y.
-
-    a = (s − max_{j≠y} s_j)·scale and e = exp(a) over j ≠ y (the loss is invariant to the shift).
-    e is float32 for float32 scores, and float64 for the rows that need it (status 1) and for
-    float64 scores; z is computed and returned in float64. Rows with ok False
-    (status 2) have z = 0 and no gradient: the caller computes them in log space.
-    """
-
-    @staticmethod
-    def forward(ctx, scores, labels, k: int, scale: float):  # type: ignore[override]
-        lab = labels[:, None]
-        masked = scores.detach().scatter(1, lab, float("-inf"))
-        m = masked.amax(1, keepdim=True)
-        want = bool(ctx.needs_input_grad[0])
-        ratio, status, grad = esp_ratio(exp_shifted(masked, m, labels, scale, scores.dtype), k, want)
-        redo = np.flatnonzero(status == FLOAT64)
-        if scores.dtype == torch.float64:
-            status[redo] = LOG_SPACE
-        elif len(redo):
-            rows = torch.from_numpy(redo)
-            r64, s64, g64 = esp_ratio(exp_shifted(masked[rows], m[rows], labels[rows], scale, torch.float64), k, want)
-            ratio[redo], status[redo] = r64, np.where(s64 == OK, OK, LOG_SPACE)
-            if want:
-                grad[rows] = g64.to(grad.dtype)
-        ok = torch.from_numpy(status == OK)
-        m64 = m.squeeze(1).double()
-        a_y = (scores.detach().gather(1, lab).squeeze(1).double() - m64) * scale
-        z = torch.where(ok, torch.from_numpy(ratio) - a_y, 0.0)
-        ctx.save_for_backward(grad, labels, ok)
-        ctx.scale = scale
-        ctx.mark_non_differentiable(ok)
-        return z, ok
-
-    @staticmethod
-    def backward(ctx, grad_z, _grad_ok):  # type: ignore[override]
-        grad, labels, ok = ctx.saved_tensors
-        coef = torch.where(ok, grad_z * ctx.scale, 0.0).to(grad.dtype)
-        out = grad * coef[:, None]
-        out.scatter_(1, labels[:, None], -coef[:, None])
-        return out, None, None, None

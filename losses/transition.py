@@ -19,6 +19,8 @@ from torch import nn
 
 from harness.registry import Linear, Param, TrainingProgress, register_loss
 from losses.common import check_k, working_precision
+from losses.transition_kernel import KMAX as FUSED_KMAX
+from losses.transition_kernel import FusedTransition
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,8 @@ class TopKTransition(nn.Module):
         s = working_precision(scores)
         if self.lam == 0.0:
             return F.cross_entropy(s, labels)
+        if s.device.type == "cpu" and self.k <= FUSED_KMAX:  # compiled selection, one exp (same values)
+            return FusedTransition.apply(s, labels, self.k, self.lam).mean()
         grouped = grouped_topk_ce(s, labels, self.k).mean()
         if self.lam == 1.0:
             return grouped

@@ -15,6 +15,9 @@ w.r.t. the layer's outputs: ``g_a = α·G_min + (1−α)·G_max``, ``g_b = (1−
 through α: ``g_α = (z_a − z_b)·(G_min − G_max)`` summed over x and q, ``g_v = g_α·F'(v)``,
 ``g_{x_b} += g_v``, ``g_{x_a} −= g_v``. Autograd would keep ~15 tensors per layer and gather along
 the slow axis; this keeps 3 and runs several times faster on CPU.
+
+On the CPU (float32/float64 scores) the same passes run compiled, one call each way
+(``losses.difftopk.network_kernels``); this torch path serves CUDA and other devices.
 """
 from __future__ import annotations
 
@@ -66,7 +69,24 @@ class _NetworkLabelMass(torch.autograd.Function):
         return g[:, 0].t(), None, None, None, None, None, None
 
 
+def torch_label_mass(x: torch.Tensor, labels: torch.Tensor, network: TorchNetwork, weights: torch.Tensor,
+                     steepness: float, distribution: str, art_lambda: float) -> torch.Tensor:
+    """The torch path of `network_label_mass` (any device)."""
+    return _NetworkLabelMass.apply(x, labels, network, weights.to(x.dtype), steepness, distribution, art_lambda)
+
+
+def compiled_label_mass(x: torch.Tensor, labels: torch.Tensor, network: TorchNetwork, weights: torch.Tensor,
+                        steepness: float, distribution: str, art_lambda: float) -> torch.Tensor:
+    """The compiled path of `network_label_mass` (CPU tensors; float32 is computed in float64)."""
+    from losses.difftopk.network_kernels import CompiledLabelMass
+
+    comparators = network.flat(weights.shape[0])
+    return CompiledLabelMass.apply(x, labels, comparators, weights, steepness, distribution, art_lambda)
+
+
 def network_label_mass(x: torch.Tensor, labels: torch.Tensor, network: TorchNetwork, weights: torch.Tensor,
                        steepness: float, distribution: str, art_lambda: float) -> torch.Tensor:
     """``Σ_j weights[j]·P[b, n−K+j, labels[b]]`` for every sample, ``[B]`` (differentiable in x)."""
-    return _NetworkLabelMass.apply(x, labels, network, weights.to(x.dtype), steepness, distribution, art_lambda)
+    compiled = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and len(network) > 0
+    path = compiled_label_mass if compiled else torch_label_mass
+    return path(x, labels, network, weights, steepness, distribution, art_lambda)

@@ -156,6 +156,7 @@ class TorchNetwork:
         self.kind, self.n, self.k = kind, n, k
         self.layers = build_network(kind, n, k)
         self._cache: dict[torch.device, list[tuple[torch.Tensor, ...]]] = {}
+        self._flat: dict[int, tuple[np.ndarray, ...]] = {}
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -166,3 +167,28 @@ class TorchNetwork:
             self._cache[device] = [tuple(torch.as_tensor(v, dtype=torch.long, device=device) for v in layer)
                                    for layer in self.layers]
         return self._cache[device]
+
+    def flat(self, readout: int | None = None) -> tuple[np.ndarray, ...]:
+        """The comparators that reach the top ``readout`` output wires (default k), all layers in order, as
+        four contiguous int64 arrays ``(a, b, dest_min, dest_max)``.
+
+        A layer's comparators touch disjoint wires, so running them one by one is running the layer; a
+        comparator neither of whose outputs reaches wires n−readout..n−1 (through later comparators)
+        cannot change those wires' values or label mass, so it is left out (odd-even at n = 16, K = 5:
+        90 of 120 comparators; bitonic 67 of 80; splitter selection 48 of 50).
+        """
+        readout = self.k if readout is None else readout
+        if readout not in self._flat:
+            live = np.zeros(self.n, dtype=bool)
+            live[self.n - readout:] = True
+            kept = []
+            for a, b, dmin, dmax in reversed(self.layers):
+                keep = live[dmin] | live[dmax]
+                live[a[keep]] = True
+                live[b[keep]] = True
+                kept.append(tuple(v[keep] for v in (a, b, dmin, dmax)))
+            kept.reverse()
+            self._flat[readout] = tuple(
+                np.ascontiguousarray(np.concatenate([layer[i] for layer in kept] or [np.empty(0)]), dtype=np.int64)
+                for i in range(4))
+        return self._flat[readout]

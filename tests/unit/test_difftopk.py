@@ -71,7 +71,8 @@ def _value_and_grad(fn, x, y):
 def test_parity_with_reference(sorter, dist):
     """float64: equal to 1e-9. float32: values to 1e-5 relative; gradients to 1e-5 of their largest entry,
     or, where float32 itself cannot resolve that (many layers, steep relaxations), no further from the
-    float64 result than twice the reference's own float32 error."""
+    float64 result than twice the reference's own float32 error (values: than its own error, or 1e-6
+    relative: the CPU networks compute float32 scores in float64 and round once)."""
     torch.manual_seed(sum(map(ord, sorter + dist)))
     n = 20
     for m in (None, 16):
@@ -88,7 +89,8 @@ def test_parity_with_reference(sorter, dist):
             (v32, g32), (r32, rg32) = out[torch.float32]
             scale = rg64.abs().max().item()
             assert v64 == pytest.approx(r64, rel=1e-9) and (g64 - rg64).abs().max() <= 1e-9 * scale, (m, mode)
-            assert v32 == pytest.approx(r32, rel=1e-5), (m, mode, v32, r32)
+            if v32 != pytest.approx(r32, rel=1e-5):  # the compiled networks run float32 in float64 (exact-er)
+                assert abs(v32 - r64) <= max(abs(r32 - r64), 1e-6 * abs(r64)), (m, mode, v32, r32, r64)
             ref_noise = (rg32.double() - rg64).abs().max().item()  # the reference's own float32 error
             if (g32 - rg32).abs().max().item() > 1e-5 * scale:
                 assert (g32.double() - rg64).abs().max().item() <= 2 * ref_noise, (m, mode, ref_noise)

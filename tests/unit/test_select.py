@@ -64,3 +64,17 @@ def test_preselect_gradient_reaches_the_selected_scores():
     sub.sum().backward()
     assert int(s.grad.sum()) == 8 * 16 and set(s.grad.unique().tolist()) == {0.0, 1.0}
     assert bool((s.grad.gather(1, labels.unsqueeze(1)) == 1).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_scores_in_the_strided_remainder_and_label_chunk(dtype):
+    """n = 1000 reads as 31 complete strides of 32 chunks plus 8 leftover scores: put the largest scores
+    there and in the label's strided chunk (labels among them), with ties across chunks."""
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(16, 1000, generator=g).to(dtype)
+    s[:, 992:] += 10  # the leftover scores are the largest
+    s[:, 5::32] += 9  # one strided chunk (c = 5) is next
+    s[:8, 990:] = 11.0  # ties across chunks and the remainder
+    labels = torch.tensor([995, 5, 37, 999, 992, 0, 1, 2] * 2)
+    idx = top_other_indices(s, labels, 15)
+    assert np.array_equal(idx.numpy(), _reference(s, labels, 15))
