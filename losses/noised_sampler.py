@@ -17,11 +17,14 @@ s_i + εZ_i > t0. Buckets more than DFAR·W·ε (3 ε) below t0 share one walk o
 {i : s_i + εZ_i > t0} holds every noised value above t0 with its exact conditional law, the (k+1)-th
 largest is read off it whenever it has ≥ k+1 entries; otherwise (rare) the remaining entries are drawn
 from N(s_i, ε²) truncated to (−∞, t0], which is their exact conditional law given the exceedances.
-Cost per draw: the entries within ~1 ε of t0 plus O(k + √k) truncated normals; per row a few O(n) passes
+Cost per draw: the entries within ~0.7 ε of t0 plus O(k + √k) truncated normals; per row a few O(n) passes
 (vectorised max/min and bucket codes, a counting sort of the entries within 3 ε of t0).
 
-Random numbers come from SplitMix64 (Steele et al. 2014; normals by Marsaglia & Tsang's ziggurat, as
-Doornik's ZIGNOR) seeded per row from one torch draw, so
+The draws of a row are sampled together, in blocks of DB: every walk runs over a bucket's (entry, draw)
+grid, and a hit at grid position P is entry P // DB' of draw P mod DB' (DB' the block's size), which is the
+same law as one walk per draw. Random numbers come from SplitMix64 (Steele et al. 2014; normals by Marsaglia
+& Tsang's ziggurat, as Doornik's ZIGNOR; exponentials by their 256-layer ziggurat), the state a scalar passed
+through inlined functions; seeded per row from one torch draw, so
 `torch.manual_seed` makes the loss reproducible; the stream differs from pytopk's `torch.randn`, so only the
 law (not the sample) matches pytopk. Computation is float64 inside (exact up to float64 rounding of the
 bucket edges); the CPU kernel is compiled with numba (cached on disk), one thread.
@@ -60,17 +63,19 @@ def fill_tables(w: float, q: np.ndarray, haz: np.ndarray, lam: np.ndarray, mid: 
 
 
 def _next(st):  # type: ignore[no-untyped-def]
-    """SplitMix64: advance the state st[0] and return 64 random bits."""
-    st[0] += np.uint64(0x9E3779B97F4A7C15)
-    z = st[0]
+    """SplitMix64: (advanced state, 64 random bits). The state is a scalar passed in and out (not an array:
+    numba reference-counts arrays at every inlined call, which cost a third of the sampler's time)."""
+    st += np.uint64(0x9E3779B97F4A7C15)
+    z = st
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+    return st, z ^ (z >> np.uint64(31))
 
 
 def _unif(st):  # type: ignore[no-untyped-def]
-    """Uniform on the open interval (0, 1), 53 bits."""
-    return (float(_next_jit(st) >> np.uint64(11)) + 0.5) * 1.1102230246251565e-16
+    """(state, uniform on the open interval (0, 1), 53 bits)."""
+    st, bits = _next_jit(st)
+    return st, (float(bits >> np.uint64(11)) + 0.5) * 1.1102230246251565e-16
 
 
 def _ziggurat_tables(c: int = 128, r: float = 3.442619855899, v: float = 9.91256303526217e-3):
@@ -88,42 +93,77 @@ _ZX, _ZR = _ziggurat_tables()
 _ZIG_R = 3.442619855899
 
 
-def _normal(st, nz):  # type: ignore[no-untyped-def]
-    """Standard normal by the ziggurat (ZIGNOR: 128 layers, Marsaglia's tail beyond R); nz is unused."""
+def _normal(st):  # type: ignore[no-untyped-def]
+    """(state, standard normal) by the ziggurat (ZIGNOR: 128 layers, Marsaglia's tail beyond R)."""
     while True:
-        bits = _next_jit(st)
+        st, bits = _next_jit(st)
         u = 2.0 * ((float(bits >> np.uint64(11)) + 0.5) * 1.1102230246251565e-16) - 1.0
         i = int(bits & np.uint64(0x7F))  # the low bits, not those of u
         if abs(u) < _ZR[i]:
-            return u * _ZX[i]
+            return st, u * _ZX[i]
         if i == 0:  # the base layer's tail
             while True:
-                x = math.log(_unif_jit(st)) / _ZIG_R
-                y = math.log(_unif_jit(st))
+                st, u1 = _unif_jit(st)
+                st, u2 = _unif_jit(st)
+                x = math.log(u1) / _ZIG_R
+                y = math.log(u2)
                 if -2.0 * y >= x * x:
-                    return x - _ZIG_R if u < 0.0 else _ZIG_R - x
+                    return st, (x - _ZIG_R if u < 0.0 else _ZIG_R - x)
         x = u * _ZX[i]
         f0 = math.exp(-0.5 * (_ZX[i] * _ZX[i] - x * x))
         f1 = math.exp(-0.5 * (_ZX[i + 1] * _ZX[i + 1] - x * x))
-        if f1 + _unif_jit(st) * (f0 - f1) < 1.0:
-            return x
+        st, u1 = _unif_jit(st)
+        if f1 + u1 * (f0 - f1) < 1.0:
+            return st, x
 
 
-def _tn_above(a, lam, st, nz):  # type: ignore[no-untyped-def]
+def _ziggurat_exp_tables(c: int = 256, r: float = 7.69711747013104972, v: float = 3.949659822581572e-3):
+    """Layer edges X (X[0] = v/f(r) the base strip's width, X[1] = r, …, X[c] = 0), ratios R = X[i+1]/X[i] and
+    heights F = e^{−X} of Marsaglia & Tsang's (2000) 256-layer ziggurat for Exp(1)."""
+    x = np.zeros(c + 1)
+    x[0], x[1] = v / math.exp(-r), r
+    for i in range(2, c):
+        x[i] = -math.log(v / x[i - 1] + math.exp(-x[i - 1]))
+    return x, x[1:] / x[:-1], np.exp(-x)
+
+
+_EX, _ER, _EF = _ziggurat_exp_tables()
+_EXP_R = 7.69711747013104972
+
+
+def _exponential(st):  # type: ignore[no-untyped-def]
+    """(state, Exp(1)) by the ziggurat: one 64-bit draw and a table look-up in ~99% of the calls (a logarithm
+    costs more, and the sampler needs one or two exponentials per proposal)."""
+    while True:
+        st, bits = _next_jit(st)
+        u = (float(bits >> np.uint64(11)) + 0.5) * 1.1102230246251565e-16
+        i = int(bits & np.uint64(0xFF))  # the low bits, not those of u
+        x = u * _EX[i]
+        if u < _ER[i]:  # inside the layer's rectangle below the next edge
+            return st, x
+        st, u1 = _unif_jit(st)
+        if i == 0:  # the base strip beyond r: the tail is r + Exp(1) (memoryless)
+            return st, _EXP_R - math.log(u1)
+        # the wedge between X[i+1] and X[i]: a uniform height in the layer, accepted below the density
+        if _EF[i] + u1 * (_EF[i + 1] - _EF[i]) < math.exp(-x):
+            return st, x
+
+
+def _tn_above(a, lam, st):  # type: ignore[no-untyped-def]
     """Z ~ N(0, 1) conditioned on Z > a (a = −inf: no condition). a < 0.3: rejection from N(0, 1) (acceptance
     ≥ 0.38); else Robert's (1995) translated exponential with rate lam = (a + √(a² + 4))/2 (acceptance
-    ≥ 0.8), with the squeeze e^{−x} ≥ 1 − x sparing most exponentials."""
+    ≥ 0.8), accepted iff U ≤ e^{−d}, i.e. iff an Exp(1) draw is ≥ d (both exponentials from the ziggurat)."""
     if a < 0.3:
         while True:
-            z = _normal_jit(st, nz)
+            st, z = _normal_jit(st)
             if z > a:
-                return z
+                return st, z
     while True:
-        z = a - math.log(_unif_jit(st)) / lam
-        d = 0.5 * (z - lam) * (z - lam)
-        u = _unif_jit(st)
-        if u <= 1.0 - d or u <= math.exp(-d):
-            return z
+        st, e1 = _exp_jit(st)
+        st, e2 = _exp_jit(st)
+        z = a + e1 / lam
+        if e2 >= 0.5 * (z - lam) * (z - lam):
+            return st, z
 
 
 def _minmax(row):  # type: ignore[no-untyped-def]
@@ -145,37 +185,38 @@ def _minmax(row):  # type: ignore[no-untyped-def]
     return float(max(max(m0, m1), max(m2, m3))), float(min(min(n0, n1), min(n2, n3)))
 
 
-def _select(vals, idx, cnt, r):  # type: ignore[no-untyped-def]
-    """Position in vals[:cnt] of the r-th largest (idx alongside; reordered for large cnt)."""
+def _select(vals, idx, j, off, cnt, r):  # type: ignore[no-untyped-def]
+    """Position u (0 ≤ u < cnt) of the r-th largest of vals[j, off:off + cnt] (idx alongside, reordered for
+    large cnt). Rows and offsets, not slices: inlined, so that no array view is made (and reference-counted)."""
     if cnt <= 48:  # rank by counting, branch-free: cheaper than partitioning for the usual ~15 values
-        for c in range(cnt):
-            v = vals[c]
+        for c in range(off, off + cnt):
+            v = vals[j, c]
             above = 0
-            for e in range(cnt):
-                above += vals[e] > v
-            if above == r - 1:  # no ties among continuous draws
-                return c
-    lo, hi, t = 0, cnt - 1, r - 1
+            for e in range(off, off + cnt):
+                above += vals[j, e] > v
+            if above == r - 1:  # no ties among continuous draws (ties fall through to the partition)
+                return c - off
+    lo, hi, t = off, off + cnt - 1, off + r - 1
     while lo < hi:
-        p = vals[(lo + hi) // 2]
-        i, j = lo, hi
-        while i <= j:
-            while vals[i] > p:
-                i += 1
-            while vals[j] < p:
-                j -= 1
-            if i <= j:
-                vals[i], vals[j] = vals[j], vals[i]
-                idx[i], idx[j] = idx[j], idx[i]
-                i += 1
-                j -= 1
-        if t <= j:
-            hi = j
-        elif t >= i:
-            lo = i
+        p = vals[j, (lo + hi) // 2]
+        a, b = lo, hi
+        while a <= b:
+            while vals[j, a] > p:
+                a += 1
+            while vals[j, b] < p:
+                b -= 1
+            if a <= b:
+                vals[j, a], vals[j, b] = vals[j, b], vals[j, a]
+                idx[j, a], idx[j, b] = idx[j, b], idx[j, a]
+                a += 1
+                b -= 1
+        if t <= b:
+            hi = b
+        elif t >= a:
+            lo = a
         else:
             break
-    return t
+    return t - off
 
 
 def _expected(hist, cum, gmax, j0, mid):  # type: ignore[no-untyped-def]
@@ -189,7 +230,8 @@ def _expected(hist, cum, gmax, j0, mid):  # type: ignore[no-untyped-def]
     return tot
 
 
-QB = 0.15  # buckets with q ≥ QB draw every entry's normal; sparser ones skip by exponential gaps
+DB = 8  # draws sampled together (one pass over the buckets per block of DB draws)
+QB = 0.25  # buckets with q ≥ QB draw every entry's normal; sparser ones skip by exponential gaps
 
 
 def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ignore[no-untyped-def]
@@ -202,8 +244,10 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
     cum = np.zeros(J + 2, np.int64)
     fill = np.empty(J + 2, np.int64)
     lst = np.empty(n, np.int64)
-    vals = np.empty(n, np.float64)
-    idx = np.empty(n, np.int64)
+    vals = np.empty((DB, n), np.float64)  # exceedances of each draw of a block
+    idx = np.empty((DB, n), np.int64)
+    cnt = np.zeros(DB, np.int64)
+    tmp = np.empty(n, np.int64)
     mark = np.zeros(n, np.uint8)
     # per non-empty near bucket: first list slot, size, q, hazard, truncation point, Robert rate
     b_start = np.empty(J, np.int64)
@@ -212,26 +256,19 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
     b_h = np.empty(J)
     b_a = np.empty(J)
     b_lam = np.empty(J)
-    q, haz, lam, mid = np.empty(_NT), np.empty(_NT), np.empty(_NT), np.empty(_NM)
-    st = np.empty(1, np.uint64)
-    nz = np.zeros(2)
+    qw, hazw, lamw, midw = np.empty(_NT), np.empty(_NT), np.empty(_NT), np.empty(_NM)  # tables of wide buckets
     target = k1 + 2.0 * math.sqrt(k1) + 1.0
     for b in range(nb):
         row = s[b]
-        st[0] = seed + np.uint64(b) * np.uint64(0xD1B54A32D192ED03)
-        _next_jit(st)
-        nz[0] = 0.0
+        st, _ = _next_jit(seed + np.uint64(b) * np.uint64(0xD1B54A32D192ED03))
         m, mn = _minmax_jit(row)
         # --- bucket width: W·ε, wider when the row spans more than J − 1 buckets
         w = W
+        q, haz, lam, mid = q0, haz0, lam0, mid0
         if m - mn > (J - 1) * W * eps:
             w = (m - mn) / ((J - 1) * eps) * (1.0 + 1e-9)
+            q, haz, lam, mid = qw, hazw, lamw, midw
             fill_tables_jit(w, q, haz, lam, mid)
-        else:
-            q[:] = q0
-            haz[:] = haz0
-            lam[:] = lam0
-            mid[:] = mid0
         delta = w * eps
         inv = 1.0 / delta
         # --- bucket codes (bucket g holds M − (g+1)Δ < s ≤ M − gΔ) and counts; non-finite rows give NaN
@@ -272,7 +309,11 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
             j0 = hi
         t0 = m - j0 * delta
         gnear = min(gmax + 1, max(j0 + DFAR, 0))  # buckets 0..gnear−1 walk on their own, the rest share one
-        # --- list the near entries bucket by bucket, and the buckets' constants
+        afar = DFAR * w
+        hfar = haz[_NT - 1]
+        lfar = lam[_NT - 1]
+        # --- list the near entries bucket by bucket (a branch-free compaction, then a counting sort of the
+        # compacted ones only), and the buckets' constants
         nne = 0
         pos = 0
         for g in range(gnear):
@@ -289,111 +330,155 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
                 nne += 1
             pos += hist[g]
         nnear = pos
-        if 8 * nnear > n:  # branch-free: far entries go to a scratch tail (no mispredicted branches)
-            fill[gnear] = nnear
-            for i in range(n):
-                g = min(code[i], gnear)
-                lst[fill[g]] = i
-                fill[g] += 1
-        elif nnear > 0:  # few near entries: a rarely taken branch is cheaper
+        if nnear == n:
             for i in range(n):
                 g = code[i]
-                if g < gnear:
-                    lst[fill[g]] = i
-                    fill[g] += 1
-        afar = DFAR * w
-        hfar = haz[_NT - 1]
-        lfar = lam[_NT - 1]
-        for j in range(ns):
-            cnt = 0
-            e = -math.log(_unif_jit(st))
+                lst[fill[g]] = i
+                fill[g] += 1
+        elif nnear > 0:
+            c = 0
+            if 16 * nnear < n:  # few near entries: a rarely taken branch is cheaper
+                for i in range(n):
+                    if code[i] < gnear:
+                        tmp[c] = i
+                        c += 1
+            else:  # branch-free: near ones are kept
+                for i in range(n):
+                    tmp[c] = i
+                    c += code[i] < gnear
+            for u in range(nnear):
+                i = tmp[u]
+                g = code[i]
+                lst[fill[g]] = i
+                fill[g] += 1
+        for jb in range(0, ns, DB):  # blocks of at most DB draws (bounded buffers for any n_sample)
+            nsb = min(DB, ns - jb)
+            # --- the draws of a block at once, bucket by bucket over the grid (entry, draw); exceedances of draw j
+            # in vals[j, :cnt[j]] (the Poisson walks run over the concatenated grids, e carried between them)
+            cnt[:] = 0
+            st, e = _exp_jit(st)
             for u in range(nne):
                 ng = b_size[u]
                 base = b_start[u]
-                qq = b_q[u]
-                a = b_a[u]
-                if qq >= QB:  # dense bucket: every entry's normal is drawn in full (cheaper than thinning)
+                if b_q[u] >= QB:  # dense bucket: every entry's normal is drawn in full (cheaper than thinning)
                     for p in range(ng):
                         i = lst[base + p]
-                        vals[cnt] = float(row[i]) + eps * _normal_jit(st, nz)
-                        idx[cnt] = i
-                        cnt += vals[cnt] > t0  # kept iff it exceeds t0 (branch-free)
+                        si = float(row[i])
+                        for j in range(nsb):
+                            st, z = _normal_jit(st)
+                            x = si + eps * z
+                            c = cnt[j]
+                            vals[j, c] = x
+                            idx[j, c] = i
+                            cnt[j] = c + (x > t0)  # kept iff it exceeds t0 (branch-free)
                     continue
                 h = b_h[u]
-                p = 0
-                while True:  # sparse bucket: exponential gaps of the Poisson walk, e carried between buckets
+                a = b_a[u]
+                tot = ng * nsb
+                pp = 0
+                while True:  # sparse bucket: exponential gaps of the Poisson walk over its ng·nsb grid
                     f = e / h
-                    if not f < ng - p:
-                        e -= (ng - p) * h
+                    if not f < tot - pp:
+                        e -= (tot - pp) * h
                         break
-                    p += int(f)
+                    pp += int(f)
+                    p = pp // nsb
+                    j = pp - p * nsb
                     i = lst[base + p]
-                    vals[cnt] = float(row[i]) + eps * _tn_above_jit(a, b_lam[u], st, nz)
-                    idx[cnt] = i
-                    cnt += vals[cnt] > t0
-                    p += 1
-                    e = -math.log(_unif_jit(st))
-            if nnear < n:  # far entries: one walk over all positions, near ones skipped
-                p = 0
+                    st, z = _tn_above_jit(a, b_lam[u], st)
+                    x = float(row[i]) + eps * z
+                    c = cnt[j]
+                    vals[j, c] = x
+                    idx[j, c] = i
+                    cnt[j] = c + (x > t0)
+                    pp += 1
+                    st, e = _exp_jit(st)
+            if nnear < n:  # far entries: one walk over all (position, draw) pairs, near ones skipped
+                tot = n * nsb
+                pp = 0
                 while True:
-                    f = -math.log(_unif_jit(st)) / hfar
-                    if not f < n - p:
+                    st, f = _exp_jit(st)
+                    f /= hfar
+                    if not f < tot - pp:
                         break
-                    i = p + int(f)
+                    pp += int(f)
+                    i = pp // nsb
                     if code[i] >= gnear:
-                        x = float(row[i]) + eps * _tn_above_jit(afar, lfar, st, nz)
+                        st, z = _tn_above_jit(afar, lfar, st)
+                        x = float(row[i]) + eps * z
                         if x > t0:
-                            vals[cnt] = x
-                            idx[cnt] = i
-                            cnt += 1
-                    p = i + 1
-            if cnt >= k1:
-                r = _select_jit(vals, idx, cnt, k1)
-                out_val[b, j] = vals[r]
-                out_idx[b, j] = idx[r]
-                continue
-            # fallback: fewer than k1 exceedances; the others are N(s_i, ε²) truncated to (−∞, t0]
-            for c in range(cnt):
-                mark[idx[c]] = 1
-            c2 = cnt
-            for i in range(n):
-                if mark[i]:
+                            j = pp - i * nsb
+                            vals[j, cnt[j]] = x
+                            idx[j, cnt[j]] = i
+                            cnt[j] += 1
+                    pp += 1
+            for j in range(nsb):
+                cj = cnt[j]
+                if cj >= k1:
+                    r = _select_jit(vals, idx, j, 0, cj, k1)
+                    out_val[b, jb + j] = vals[j, r]
+                    out_idx[b, jb + j] = idx[j, r]
                     continue
-                si = float(row[i])
-                ai = (t0 - si) / eps
-                z = -_tn_above_jit(-ai, 0.5 * (-ai + math.sqrt(ai * ai + 4.0)), st, nz)
-                vals[c2] = si + eps * z
-                idx[c2] = i
-                c2 += 1
-            for c in range(cnt):
-                mark[idx[c]] = 0
-            # the cnt exceedances are the largest; the (k1 − cnt)-th largest of the rest is the answer
-            r = _select_jit(vals[cnt:c2], idx[cnt:c2], c2 - cnt, k1 - cnt)
-            out_val[b, j] = vals[cnt + r]
-            out_idx[b, j] = idx[cnt + r]
+                # fallback: fewer than k1 exceedances; the others are N(s_i, ε²) truncated to (−∞, t0]
+                for c in range(cj):
+                    mark[idx[j, c]] = 1
+                c2 = cj
+                for i in range(n):
+                    if mark[i]:
+                        continue
+                    si = float(row[i])
+                    ai = (t0 - si) / eps
+                    st, z = _tn_above_jit(-ai, 0.5 * (-ai + math.sqrt(ai * ai + 4.0)), st)
+                    vals[j, c2] = si - eps * z
+                    idx[j, c2] = i
+                    c2 += 1
+                for c in range(cj):
+                    mark[idx[j, c]] = 0
+                # the cj exceedances are the largest; the (k1 − cj)-th largest of the rest is the answer
+                r = cj + _select_jit(vals, idx, j, cj, c2 - cj, k1 - cj)
+                out_val[b, jb + j] = vals[j, r]
+                out_idx[b, jb + j] = idx[j, r]
         hist[: gmax + 1] = 0
 
 
-def _hinge_grad(pos, labels, w, out):  # type: ignore[no-untyped-def]
-    """out[b] = w_b·(mean_j onehot(pos[b, j]) − onehot(labels[b])): the loss gradient, written in one pass."""
+def _hinge_forward(vals, s, labels, margin, scale, active):  # type: ignore[no-untyped-def]
+    """mean_b relu(scale·(margin_b + φ_b − s[b, y_b])) with φ_b = mean_j vals[b, j], and active[b] = (its
+    argument > 0): the loss forward in one pass (a NaN argument propagates to the mean, as torch.relu's)."""
+    nb, ns = vals.shape
+    tot = 0.0
+    for b in range(nb):
+        phi = 0.0
+        for j in range(ns):
+            phi += vals[b, j]
+        z = scale * (margin[b] + phi / ns - float(s[b, labels[b]]))
+        active[b] = z > 0.0
+        tot += z if not z <= 0.0 else 0.0
+    return tot / nb
+
+
+def _hinge_grad(pos, labels, active, coef, out):  # type: ignore[no-untyped-def]
+    """out[b] = w_b·(mean_j onehot(pos[b, j]) − onehot(labels[b])) with w_b = coef·active[b]: the loss gradient,
+    written in one pass."""
     nb, ns = pos.shape
     for b in range(nb):
         out[b, :] = 0.0
-        if w[b] != 0.0:
+        if active[b]:
             for j in range(ns):
-                out[b, pos[b, j]] += w[b] / ns
-            out[b, labels[b]] -= w[b]
+                out[b, pos[b, j]] += coef / ns
+            out[b, labels[b]] -= coef
 
 
 _next_jit = _next
 _unif_jit = _unif
 _normal_jit = _normal
+_exp_jit = _exponential
 _minmax_jit = _minmax
 _tn_above_jit = _tn_above
 _select_jit = _select
 _expected_jit = _expected
 fill_tables_jit = fill_tables
-hinge_grad = _hinge_grad  # replaced by the compiled version in _kernel()
+hinge_grad = _hinge_grad  # replaced by the compiled versions in _kernel()
+hinge_forward = _hinge_forward
 _KERNEL = None
 _TABLES: tuple[np.ndarray, ...] | None = None
 
@@ -408,12 +493,14 @@ def _kernel():  # type: ignore[no-untyped-def]
         g = globals()
         inline = numba.njit(cache=True, error_model="numpy", inline="always")  # no per-call array refcounts
         for name, fn in (("_next_jit", _next), ("_unif_jit", _unif), ("_normal_jit", _normal),
-                         ("_tn_above_jit", _tn_above)):
+                         ("_exp_jit", _exponential), ("_tn_above_jit", _tn_above)):
             g[name] = inline(fn)
-        for name, fn in (("_select_jit", _select), ("fill_tables_jit", fill_tables), ("_expected_jit", _expected)):
-            g[name] = jit(fn)
+        for name, fn in (("_select_jit", _select), ("_expected_jit", _expected)):
+            g[name] = inline(fn)
+        g["fill_tables_jit"] = jit(fill_tables)
         g["_minmax_jit"] = numba.njit(cache=True, fastmath=True)(_minmax)
         g["hinge_grad"] = jit(_hinge_grad)
+        g["hinge_forward"] = jit(_hinge_forward)
         _KERNEL = jit(_rows)
         tables = (np.empty(_NT), np.empty(_NT), np.empty(_NT), np.empty(_NM))
         fill_tables(W, *tables)
@@ -425,7 +512,9 @@ def warm_up() -> None:
     """Compile (or load from numba's cache) the kernels for float32 scores, the common case, so that the
     first training step (and bench-loss's memory pass) does not pay for it."""
     sample_kth(np.zeros((1, 2), np.float32), 1, 1.0, 1, 0)
-    hinge_grad(np.zeros((1, 1), np.int64), np.zeros(1, np.int64), np.zeros(1, np.float32), np.zeros((1, 2), np.float32))
+    pos, labels, active = np.zeros((1, 1), np.int64), np.zeros(1, np.int64), np.zeros(1, np.bool_)
+    hinge_forward(np.zeros((1, 1)), np.zeros((1, 2), np.float32), labels, np.ones(1), 1.0, active)
+    hinge_grad(pos, labels, active, 1.0, np.zeros((1, 2), np.float32))
 
 
 def sample_kth(s: np.ndarray, k1: int, eps: float, n_sample: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

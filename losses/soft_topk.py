@@ -7,7 +7,8 @@ C_ij = (s_i − a_j)² and an entropic regulariser ε; the soft top-k mask is A 
 k receives the largest score, anchor k−r+1 the r-th, anchor 0 the rest, so one plan gives every top-r
 mask (r ≤ k). The plan is solved to tolerance by ``losses.difftopk.sinkhorn.entropic_plan`` (Sinkhorn
 + damped Newton on the semi-dual, started from the ε → 0 potentials; ``SinkhornNotConverged`` if the
-tolerance is missed, so the run fails) and differentiated implicitly at the optimum, as in the paper.
+tolerance is missed, so the run fails) and differentiated implicitly at the optimum, as in the paper;
+on the CPU, scores to plan and back in one compiled call each (``losses.difftopk.anchor_ot``).
 
 Choices the paper leaves open, and ours:
 * The cost is divided by its per-sample maximum (as the authors' code does), so ε is relative and the
@@ -27,6 +28,7 @@ import math
 import torch
 
 from harness.registry import Log, Param, register_loss
+from losses.difftopk import anchor_ot, sinkhorn
 from losses.difftopk.sinkhorn import entropic_plan, hard_potentials
 from losses.topk_ce import TopKCrossEntropy, topk_ce_params
 
@@ -38,6 +40,9 @@ def soft_topk_plan(s: torch.Tensor, k: int, epsilon: float, sorted_: bool = Fals
     if not 0 < k < n:
         raise ValueError(f"k={k} must satisfy 0 < k < n={n}")
     r = k + 1 if sorted_ else 2
+    if sinkhorn.COMPILED and s.device.type == "cpu":  # one compiled call per batch and direction
+        return sinkhorn.fused_plan(s, anchor_ot.NORMALISED, list(range(r)), [n - k] + ([1] * k if sorted_ else [k]),
+                                   epsilon, iterations, tolerance)
     anchors = torch.arange(r, dtype=s.dtype, device=s.device) if sorted_ else torch.tensor(
         [0.0, 1.0], dtype=s.dtype, device=s.device)
     masses = [(n - k) / n] + ([1 / n] * k if sorted_ else [k / n])

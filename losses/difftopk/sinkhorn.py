@@ -20,7 +20,9 @@ Not part of the released difftopk code; built here as follows.
   without a start, ε-scaling from the cost range (÷ 8 per stage). Plain Sinkhorn needs O(C/ε) sweeps
   (20,000 leave 1e−5 marginal errors at ε = 1/16 in rank units); this takes a few steps at any ε.
   On the CPU the same steps run compiled per sample (``losses.difftopk.semidual``, numba); the torch
-  version (``_newton_stage``, batched) serves other devices.
+  version (``_newton_stage``, batched) serves other devices. ``sinkhorn_topk`` and ``soft_topk`` on the
+  CPU go further (``fused_plan``, ``losses.difftopk.anchor_ot``): scores to plan and plan gradient to
+  score gradient in one compiled call each (``COMPILED`` = False gives them the cost-level path).
 * Convergence: every anchor's mass within ``tolerance`` (relative) of its target. A solve that does
   not get there within ``iterations`` Newton steps raises ``SinkhornNotConverged`` (a run is then
   recorded ``failed`` with this reason) rather than training on with a wrong gradient.
@@ -36,9 +38,12 @@ import math
 
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
+from losses.difftopk import anchor_ot
 from losses.difftopk.semidual import plan_backward, plan_of_potentials, solve_semi_dual, solve_systems
 
+COMPILED = True  # CPU tensors: the fused per-batch kernels of losses.difftopk.anchor_ot (tests switch it off)
 STAGE_FACTOR = 8.0  # ε-scaling: ε divided by this per stage
 STAGE_TOLERANCE = 1e-2  # anchor-marginal tolerance of the intermediate stages
 
@@ -230,6 +235,42 @@ def entropic_plan(cost: torch.Tensor, log_b: torch.Tensor, eps: float, iteration
     return _EntropicPlan.apply(cost, log_b.reshape(-1), float(eps), int(iterations), float(tolerance), init)
 
 
+class _FusedPlan(torch.autograd.Function):
+    """Scores s [B, n] -> the plan n·π [B, n, r] onto 1-D anchors, forward and backward one compiled call each."""
+
+    @staticmethod
+    def forward(ctx, s, mode: int, anchors: tuple, counts: tuple, eps: float, iterations: int,  # type: ignore[override]
+                tolerance: float):
+        s64 = s.detach().double().contiguous().numpy()
+        a = np.asarray(anchors, dtype=np.float64)
+        tiny = float(torch.finfo(s.dtype).tiny)
+        plan, points, kappas, _g, errors, _steps = anchor_ot.fused_forward(
+            s64, mode, a, np.asarray(counts), eps, tolerance, iterations, tiny)
+        error = float(errors.max()) if len(errors) else 0.0
+        if error > tolerance:
+            raise SinkhornNotConverged(
+                f"entropic OT (n={s64.shape[1]}, anchors={len(anchors)}, eps={eps:g}) not converged in "
+                f"{iterations} Newton steps: anchor marginals off by {error:.2g} > tolerance {tolerance:g}")
+        ctx.state = (s64, plan, points, kappas, mode, a, eps, tiny)
+        return torch.from_numpy(plan).to(s.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_plan):  # type: ignore[override]
+        s64, plan, points, kappas, mode, a, eps, tiny = ctx.state
+        grad = anchor_ot.fused_backward(grad_plan.detach().double().contiguous().numpy(), plan, s64, points, kappas,
+                                        mode, a, eps, tiny, MAX_AMPLIFICATION)
+        return torch.from_numpy(grad).to(grad_plan.dtype), None, None, None, None, None, None
+
+
+def fused_plan(s: torch.Tensor, mode: int, anchors: list[float], counts: list[int], eps: float, iterations: int,
+               tolerance: float) -> torch.Tensor:
+    """n·π [B, n, r] for CPU scores s [B, n] (``anchor_ot``'s modes: soft_topk's normalised cost or the squashed
+    points of Sinkhorn sort), anchors taking ``counts`` points each in the ε → 0 limit."""
+    return _FusedPlan.apply(s, mode, tuple(float(v) for v in anchors), tuple(int(c) for c in counts), float(eps),
+                            int(iterations), float(tolerance))
+
+
 def hard_potentials(x: torch.Tensor, anchors: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Anchor potentials [B, r] of the unregularised 1-D OT with squared cost (the ε → 0 limit).
 
@@ -256,6 +297,12 @@ def sinkhorn_topk(s: torch.Tensor, k: int, inverse_temperature: float, iteration
     """Top-K rows of the Sinkhorn-relaxed permutation, ``[B, K, n]`` (ascending ranks n−K..n−1)."""
     batch, n = s.shape
     dt, dev = s.dtype, s.device
+    if COMPILED and dev.type == "cpu":
+        full = k >= n - 1
+        anchors = list(range(n)) if full else [(n - k - 1) / 2] + list(range(n - k, n))
+        counts = [1] * n if full else [n - k] + [1] * k
+        plan = fused_plan(s, anchor_ot.SQUASHED, anchors, counts, 1 / inverse_temperature, iterations, tolerance)
+        return plan[..., n - k if full else 1:].transpose(1, 2)
     mean = s.mean(-1, keepdim=True)
     std = s.std(-1, keepdim=True) if n > 1 else torch.ones_like(mean)
     z = (n - 1) * torch.sigmoid((s - mean) / (std + 1e-8))

@@ -230,16 +230,40 @@ def test_truncated_normal_generator(a: float) -> None:
     lam = 0.5 * (a + math.sqrt(a * a + 4.0)) if math.isfinite(a) else 0.0
 
     @numba.njit
-    def draw(count, st, nz):  # type: ignore[no-untyped-def]
+    def draw(count, st):  # type: ignore[no-untyped-def]
         out = np.empty(count)
         for i in range(count):
-            out[i] = tn(a, lam, st, nz)
+            st, out[i] = tn(a, lam, st)
         return out
 
-    z = draw(200_000, np.array([7], np.uint64), np.zeros(2))
+    z = draw(200_000, np.uint64(7))
     ref = norm if not math.isfinite(a) else truncnorm(a, np.inf)
     assert kstest(z, ref.cdf).pvalue > 1e-3
     assert z.min() > a
+
+
+def test_exponential_generator() -> None:
+    """The ziggurat Exp(1) (gaps of the Poisson walks, Robert's proposals and acceptance) passes a KS test,
+    in the body and in the tail beyond the base strip (r ≈ 7.7) alike."""
+    numba = pytest.importorskip("numba")
+    import losses.noised_sampler as ns
+
+    ns._kernel()
+    ex = ns._exp_jit
+
+    @numba.njit
+    def draw(count, st):  # type: ignore[no-untyped-def]
+        out = np.empty(count)
+        for i in range(count):
+            st, out[i] = ex(st)
+        return out
+
+    z = draw(2_000_000, np.uint64(11))
+    assert z.min() > 0
+    assert kstest(z[:300_000], "expon").pvalue > 1e-3
+    tail = z[z > 5.0] - 5.0  # memoryless: the excess over 5 (across the base strip's edge r) is Exp(1) again
+    assert len(tail) > 10_000 and kstest(tail, "expon").pvalue > 1e-3
+    assert binomtest(int((z > 7.69711747013104972).sum()), len(z), math.exp(-7.69711747013104972)).pvalue > 1e-3
 
 
 def test_float32_and_float64_rows_give_the_same_draws() -> None:
@@ -316,3 +340,54 @@ def test_invalid_params() -> None:
         build_loss("noised_topk", 10, n_sample=0)
     with pytest.raises(ValueError, match="class_counts"):
         build_loss("noised_topk", 6, imbalanced=True, k=2, class_counts=[1, 2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("imbalanced", [False, True])
+def test_compiled_hinge_equals_torch_formula_on_the_same_draws(dtype: torch.dtype, imbalanced: bool) -> None:
+    """The CPU path's one-pass forward (hinge_forward) and backward (hinge_grad) equal the torch formula
+    mean_b relu(scale·(m_b + mean_j v_bj − s_{b,y_b})) and its scatter gradient on the very same draws, with
+    active and inactive rows (a wide score range makes some hinges zero)."""
+    n, k = 12, 3
+    s, y = _data(8, 40, n, scale=3.0)
+    s = s.to(dtype)
+    counts = [1 + (5 * i) % 17 for i in range(n)]
+    extra = {"imbalanced": True, "class_counts": counts, "scale": 2.5, "max_m": 0.4} if imbalanced else {}
+    loss = build_loss("noised_topk", n, k=k, epsilon=0.7, n_sample=4, **extra)
+    x = s.clone().requires_grad_(True)
+    torch.manual_seed(21)
+    out = loss(x, y)
+    out.backward()
+    torch.manual_seed(21)
+    vals, pos = noised_kth(s, k + 1, 0.7, 4)
+    margin = loss.m_list[y].double() if imbalanced else 1.0
+    scale = loss.scale
+    z = scale * (margin + vals.mean(1) - s.double().gather(1, y[:, None]).squeeze(1))
+    assert 0 < int((z > 0).sum()) < len(z)
+    assert out.dtype == dtype
+    assert out.item() == pytest.approx(torch.relu(z).mean().item(), rel=1e-6 if dtype == torch.float32 else 1e-12)
+    w = scale / len(z) * (z > 0).double()
+    ref = torch.zeros(s.shape, dtype=torch.float64)
+    ref.scatter_add_(1, pos, (w / 4)[:, None].expand(-1, 4).contiguous())
+    ref.scatter_add_(1, y[:, None], -w[:, None])
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(x.grad.double(), ref, rtol=tol, atol=tol)
+
+
+def test_many_draws_are_sampled_in_blocks_with_the_same_law() -> None:
+    """n_sample larger than the sampler's block of draws (DB): draws of later blocks have the same law as
+    the first block's (mean and per-position frequencies agree within Monte-Carlo error)."""
+    import losses.noised_sampler as ns
+
+    rng = np.random.default_rng(4)
+    s = rng.standard_normal((1, 30))
+    draws = 3 * ns.DB + 3
+    vals, pos = sample_kth(np.repeat(s, 4000, axis=0), 4, 0.8, draws, seed=2)
+    first, later = vals[:, : ns.DB].ravel(), vals[:, ns.DB:].ravel()
+    se = math.sqrt(first.var() / len(first) + later.var() / len(later))
+    assert abs(first.mean() - later.mean()) < 4.5 * se
+    mean, probs = _exact_kth(s[0], 4, 0.8)
+    assert abs(later.mean() - mean) < 4.5 * later.std() / math.sqrt(len(later))
+    counts = np.bincount(pos[:, ns.DB:].ravel(), minlength=30)
+    pvals = [binomtest(int(c), pos[:, ns.DB:].size, min(max(p, 0.0), 1.0)).pvalue for c, p in zip(counts, probs)]
+    assert min(pvals) > 1e-3 / 30
