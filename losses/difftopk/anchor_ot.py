@@ -28,6 +28,9 @@ import math
 
 import numpy as np
 
+# the same plain functions as the semi-dual solver's (both modules compile them on first use)
+from losses.difftopk.semidual import _error, _solve_small  # noqa: F401
+
 NORMALISED, SQUASHED = 0, 1
 SPREAD = 30.0  # max − min of (g − g⁰)/ε before the reference g⁰ moves
 FLUSH = 100.0  # kernel entries below e^−FLUSH of their row's largest are stored as 0
@@ -46,14 +49,7 @@ def _points(s, mode, anchors, tiny, x):
             for j in range(anchors.shape[0]):
                 top = max(top, (s[i] - anchors[j]) ** 2)
         return 1.0 / max(top, tiny)
-    mean = 0.0
-    for i in range(n):
-        mean += s[i]
-    mean /= n
-    var = 0.0
-    for i in range(n):
-        var += (s[i] - mean) ** 2
-    std = math.sqrt(var / (n - 1)) if n > 1 else 1.0
+    mean, std = _mean_std(s)
     for i in range(n):
         x[i] = (n - 1) / (1.0 + math.exp(-(s[i] - mean) / (std + STD_OFFSET)))
     return 1.0
@@ -146,40 +142,6 @@ def _evaluate(logit, g, b, eps, ref, kern, top, scaled, total, sigma, c):
             logs += math.log(product)
             product = 1.0
     return value - eps * (top[n] - logs - math.log(product) + n * hi) / n
-
-
-def _error(c, b):
-    worst = 0.0
-    for j in range(len(b)):
-        worst = max(worst, abs(c[j] - b[j]) / b[j])
-    return worst
-
-
-def _solve_small(a, rhs, out):
-    """out = a⁻¹ rhs by Gaussian elimination with partial pivoting (a, rhs overwritten); False if singular."""
-    r = len(rhs)
-    for col in range(r):
-        piv = col
-        for row in range(col + 1, r):
-            if abs(a[row, col]) > abs(a[piv, col]):
-                piv = row
-        if not abs(a[piv, col]) > 1e-300:
-            return False
-        if piv != col:
-            for k in range(r):
-                a[col, k], a[piv, k] = a[piv, k], a[col, k]
-            rhs[col], rhs[piv] = rhs[piv], rhs[col]
-        for row in range(col + 1, r):
-            f = a[row, col] / a[col, col]
-            for k in range(col, r):
-                a[row, k] -= f * a[col, k]
-            rhs[row] -= f * rhs[col]
-    for row in range(r - 1, -1, -1):
-        acc = rhs[row]
-        for k in range(row + 1, r):
-            acc -= a[row, k] * out[k]
-        out[row] = acc / a[row, row]
-    return True
 
 
 def _solve_row(logit, b, log_b, eps, tol, budget, step_cap, g, work, hess, damped):
@@ -388,8 +350,8 @@ def _largest(x, anchors):
     return top
 
 
-def _squash_backward(s, x, d_x, out):
-    """dL/ds from dL/dx for x = (n−1)·sigmoid((s − mean)/(std + δ)) (std unbiased)."""
+def _mean_std(s):
+    """Mean and unbiased standard deviation (1 for a single score) of a row."""
     n = s.shape[0]
     mean = 0.0
     for i in range(n):
@@ -398,7 +360,13 @@ def _squash_backward(s, x, d_x, out):
     var = 0.0
     for i in range(n):
         var += (s[i] - mean) ** 2
-    std = math.sqrt(var / (n - 1)) if n > 1 else 1.0
+    return mean, (math.sqrt(var / (n - 1)) if n > 1 else 1.0)
+
+
+def _squash_backward(s, x, d_x, out):
+    """dL/ds from dL/dx for x = (n−1)·sigmoid((s − mean)/(std + δ)) (std unbiased)."""
+    n = s.shape[0]
+    mean, std = _mean_std(s)
     denom = std + STD_OFFSET
     d_mean, d_spread = 0.0, 0.0
     for i in range(n):
@@ -419,9 +387,10 @@ def _compile() -> None:
         import numba
 
         jit = numba.njit(cache=True, nogil=True, error_model="numpy")
-        for name in ("_points", "_hard_start", "_rebase", "_evaluate", "_error", "_solve_small", "_solve_row",
-                     "_largest", "_squash_backward"):
-            globals()[name] = jit(globals()[name])
+        for name in ("_mean_std", "_points", "_hard_start", "_rebase", "_evaluate", "_error", "_solve_small",
+                     "_solve_row", "_largest", "_squash_backward"):
+            function = globals()[name]
+            globals()[name] = jit(getattr(function, "py_func", function))  # semidual may have compiled its own
         _FORWARD = jit(_forward_rows)
         _BACKWARD = jit(_backward_rows)
 
