@@ -149,10 +149,11 @@ def _exponential(st):  # type: ignore[no-untyped-def]
             return st, x
 
 
-def _tn_above(a, lam, st):  # type: ignore[no-untyped-def]
+def _tn_above(a, lam, ilam, st):  # type: ignore[no-untyped-def]
     """Z ~ N(0, 1) conditioned on Z > a (a = −inf: no condition). a < 0.3: rejection from N(0, 1) (acceptance
     ≥ 0.38); else Robert's (1995) translated exponential with rate lam = (a + √(a² + 4))/2 (acceptance
-    ≥ 0.8), accepted iff U ≤ e^{−d}, i.e. iff an Exp(1) draw is ≥ d (both exponentials from the ziggurat)."""
+    ≥ 0.8; ilam = 1/lam), accepted iff U ≤ e^{−d}, i.e. iff an Exp(1) draw is ≥ d (both exponentials from the
+    ziggurat)."""
     if a < 0.3:
         while True:
             st, z = _normal_jit(st)
@@ -161,7 +162,7 @@ def _tn_above(a, lam, st):  # type: ignore[no-untyped-def]
     while True:
         st, e1 = _exp_jit(st)
         st, e2 = _exp_jit(st)
-        z = a + e1 / lam
+        z = a + e1 * ilam
         if e2 >= 0.5 * (z - lam) * (z - lam):
             return st, z
 
@@ -230,6 +231,9 @@ def _expected(hist, cum, gmax, j0, mid):  # type: ignore[no-untyped-def]
     return tot
 
 
+G2 = 128  # rows spanning fewer buckets list their entries by bucket while counting them …
+G2MEM = 1 << 17  # … when G2·n slots fit in this many (fewer buckets then: 13 at n = 10000)
+FULLSORT = 4  # rows with at least n / FULLSORT near entries sort all their entries by bucket
 DB = 8  # draws sampled together (one pass over the buckets per block of DB draws)
 QB = 0.25  # buckets with q ≥ QB draw every entry's normal; sparser ones skip by exponential gaps
 
@@ -243,7 +247,8 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
     hist = np.zeros(J + 1, np.int64)
     cum = np.zeros(J + 2, np.int64)
     fill = np.empty(J + 2, np.int64)
-    lst = np.empty(n, np.int64)
+    gblk = max(min(G2, G2MEM // n), 1)  # blocks of n slots for narrow rows (at most G2MEM slots in all)
+    lst = np.empty(gblk * n, np.int32)  # the near entries by bucket (block g at g·n in narrow rows)
     vals = np.empty((DB, n), np.float64)  # exceedances of each draw of a block
     idx = np.empty((DB, n), np.int64)
     cnt = np.zeros(DB, np.int64)
@@ -254,8 +259,10 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
     b_size = np.empty(J, np.int64)
     b_q = np.empty(J)
     b_h = np.empty(J)
+    b_ih = np.empty(J)  # 1 / hazard (inf where the hazard is 0)
     b_a = np.empty(J)
     b_lam = np.empty(J)
+    b_il = np.empty(J)
     qw, hazw, lamw, midw = np.empty(_NT), np.empty(_NT), np.empty(_NT), np.empty(_NM)  # tables of wide buckets
     target = k1 + 2.0 * math.sqrt(k1) + 1.0
     for b in range(nb):
@@ -272,13 +279,23 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
         delta = w * eps
         inv = 1.0 / delta
         # --- bucket codes (bucket g holds M − (g+1)Δ < s ≤ M − gΔ) and counts; non-finite rows give NaN
+        # a row spanning fewer than G2 buckets lists every entry in its bucket's block of n slots in the same pass
+        # as the counts (bucket g: lst[g·n : g·n + hist[g]]); codes are clamped to the blocks there
+        narrow = (m - mn) * inv < gblk - 1
+        gcap = gblk - 1 if narrow else J - 1
         bad = False
         for i in range(n):  # branch-free, so that it vectorises
             x = (m - float(row[i])) * inv
             bad |= not x < 1e18
-            code[i] = max(min(int(min(x, 1e18)), J - 1), 0)
-        for i in range(n):
-            hist[code[i]] += 1
+            code[i] = max(min(int(min(x, 1e18)), gcap), 0)
+        if narrow:
+            for i in range(n):
+                g = code[i]
+                lst[g * n + hist[g]] = i
+                hist[g] += 1
+        else:
+            for i in range(n):
+                hist[code[i]] += 1
         if bad:
             hist[:] = 0
             out_val[b, :] = math.nan
@@ -310,7 +327,7 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
         t0 = m - j0 * delta
         gnear = min(gmax + 1, max(j0 + DFAR, 0))  # buckets 0..gnear−1 walk on their own, the rest share one
         afar = DFAR * w
-        hfar = haz[_NT - 1]
+        ihfar = 1.0 / haz[_NT - 1]
         lfar = lam[_NT - 1]
         # --- list the near entries bucket by bucket (a branch-free compaction, then a counting sort of the
         # compacted ones only), and the buckets' constants
@@ -321,16 +338,23 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
             if hist[g] > 0:
                 d = max(g - j0, DMIN)
                 t = d - DMIN
-                b_start[nne] = pos
+                b_start[nne] = g * n if narrow else pos
                 b_size[nne] = hist[g]
                 b_q[nne] = q[t]
                 b_h[nne] = haz[t]
+                b_ih[nne] = 1.0 / haz[t]
                 b_a[nne] = -math.inf if t == 0 else d * w
                 b_lam[nne] = lam[t]
+                b_il[nne] = 1.0 / lam[t] if lam[t] > 0.0 else 0.0
                 nne += 1
             pos += hist[g]
         nnear = pos
-        if nnear == n:
+        if narrow:
+            pass  # listed with the counts
+        elif FULLSORT * nnear >= n:  # many near entries: a counting sort of the whole row (no compaction pass)
+            for g in range(gnear, gmax + 1):
+                fill[g] = pos
+                pos += hist[g]
             for i in range(n):
                 g = code[i]
                 lst[fill[g]] = i
@@ -353,6 +377,7 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
                 fill[g] += 1
         for jb in range(0, ns, DB):  # blocks of at most DB draws (bounded buffers for any n_sample)
             nsb = min(DB, ns - jb)
+            rnsb = 1.0 / nsb
             # --- the draws of a block at once, bucket by bucket over the grid (entry, draw); exceedances of draw j
             # in vals[j, :cnt[j]] (the Poisson walks run over the concatenated grids, e carried between them)
             cnt[:] = 0
@@ -373,19 +398,20 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
                             cnt[j] = c + (x > t0)  # kept iff it exceeds t0 (branch-free)
                     continue
                 h = b_h[u]
+                ih = b_ih[u]
                 a = b_a[u]
                 tot = ng * nsb
                 pp = 0
                 while True:  # sparse bucket: exponential gaps of the Poisson walk over its ng·nsb grid
-                    f = e / h
+                    f = e * ih
                     if not f < tot - pp:
                         e -= (tot - pp) * h
                         break
                     pp += int(f)
-                    p = pp // nsb
+                    p = int((pp + 0.5) * rnsb)  # pp // nsb, by a multiplication (exact: pp < 2^40)
                     j = pp - p * nsb
                     i = lst[base + p]
-                    st, z = _tn_above_jit(a, b_lam[u], st)
+                    st, z = _tn_above_jit(a, b_lam[u], b_il[u], st)
                     x = float(row[i]) + eps * z
                     c = cnt[j]
                     vals[j, c] = x
@@ -398,13 +424,13 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
                 pp = 0
                 while True:
                     st, f = _exp_jit(st)
-                    f /= hfar
+                    f *= ihfar
                     if not f < tot - pp:
                         break
                     pp += int(f)
-                    i = pp // nsb
+                    i = int((pp + 0.5) * rnsb)
                     if code[i] >= gnear:
-                        st, z = _tn_above_jit(afar, lfar, st)
+                        st, z = _tn_above_jit(afar, lfar, 1.0 / lfar, st)
                         x = float(row[i]) + eps * z
                         if x > t0:
                             j = pp - i * nsb
@@ -428,7 +454,8 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
                         continue
                     si = float(row[i])
                     ai = (t0 - si) / eps
-                    st, z = _tn_above_jit(-ai, 0.5 * (-ai + math.sqrt(ai * ai + 4.0)), st)
+                    lm = 0.5 * (-ai + math.sqrt(ai * ai + 4.0))
+                    st, z = _tn_above_jit(-ai, lm, 1.0 / lm, st)
                     vals[j, c2] = si - eps * z
                     idx[j, c2] = i
                     c2 += 1

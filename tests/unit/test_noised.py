@@ -228,12 +228,13 @@ def test_truncated_normal_generator(a: float) -> None:
     ns._kernel()
     tn = ns._tn_above_jit
     lam = 0.5 * (a + math.sqrt(a * a + 4.0)) if math.isfinite(a) else 0.0
+    ilam = 1.0 / lam if lam > 0.0 else 0.0
 
     @numba.njit
     def draw(count, st):  # type: ignore[no-untyped-def]
         out = np.empty(count)
         for i in range(count):
-            st, out[i] = tn(a, lam, st)
+            st, out[i] = tn(a, lam, ilam, st)
         return out
 
     z = draw(200_000, np.uint64(7))
