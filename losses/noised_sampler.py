@@ -289,10 +289,14 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx):  # type: ig
             bad |= not x < 1e18
             code[i] = max(min(int(min(x, 1e18)), gcap), 0)
         if narrow:
+            for g in range(gblk):
+                fill[g] = g * n
             for i in range(n):
                 g = code[i]
-                lst[g * n + hist[g]] = i
-                hist[g] += 1
+                lst[fill[g]] = i
+                fill[g] += 1
+            for g in range(gblk):
+                hist[g] = fill[g] - g * n
         else:
             for i in range(n):
                 hist[code[i]] += 1
