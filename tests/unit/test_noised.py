@@ -392,3 +392,84 @@ def test_many_draws_are_sampled_in_blocks_with_the_same_law() -> None:
     counts = np.bincount(pos[:, ns.DB:].ravel(), minlength=30)
     pvals = [binomtest(int(c), pos[:, ns.DB:].size, min(max(p, 0.0), 1.0)).pvalue for c, p in zip(counts, probs)]
     assert min(pvals) > 1e-3 / 30
+
+
+def _row(kind: str) -> tuple[np.ndarray, int, float, bool]:
+    """(scores, k1, ε, whether the row spans fewer than G2 buckets) for the sampler's row layouts."""
+    rng = np.random.default_rng(len(kind))
+    z = rng.standard_normal(40)
+    return {
+        "narrow-dense": (z, 6, 1.0, True),  # scale 1, ε = 1: every entry near t0 (the defaults' regime)
+        "narrow-far": (z, 3, 0.2, True),  # 90 buckets: near buckets listed in blocks, the rest far
+        "ties": (np.round(2 * z) / 2, 4, 0.5, True),  # many equal scores
+        "full-sort": (np.concatenate([z[:32], np.full(8, -60.0)]), 5, 1.0, False),  # wide, most entries near
+        "compaction": (np.concatenate([z[:8], np.full(32, -60.0)]), 3, 1.0, False),  # wide, a few near
+        "tiny-scale": (z[:30] * 1e-6, 5, 1.0, True),  # one bucket
+        "huge-scale": (z[:30] * 1e6, 3, 1.0, False),  # buckets wider than W·ε
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["narrow-dense", "narrow-far", "ties", "full-sort", "compaction", "tiny-scale",
+                                  "huge-scale"])
+def test_lazy_sampler_row_layouts_exact(kind: str) -> None:
+    """Each way the sampler lists a row's near entries (blocks while counting in narrow rows, a counting sort
+    of the whole row, a compaction then a sort, one wide bucket) gives the exact mean and per-position
+    frequencies (quadrature), with a number of draws that is not a multiple of the block size DB."""
+    import losses.noised_sampler as ns
+
+    s, k1, eps, narrow = _row(kind)
+    assert ((s.max() - s.min()) / (ns.W * eps) < ns.G2 - 1) == narrow  # the layout this case is meant to hit
+    draws = 60_003
+    assert draws % ns.DB
+    vals, pos = sample_kth(s[None, :], k1, eps, draws, seed=11)
+    mean, probs = _exact_kth(s, k1, eps)
+    assert abs(vals.mean() - mean) < 4.5 * vals.std() / math.sqrt(draws) + 1e-9 * max(1.0, abs(mean))
+    counts = np.bincount(pos[0], minlength=len(s))
+    pvals = [binomtest(int(c), draws, min(max(p, 0.0), 1.0)).pvalue for c, p in zip(counts, probs)]
+    assert min(pvals) > 1e-3 / len(s)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_lazy_sampler_large_rows_match_brute_force(scale: float) -> None:
+    """n = 3000 (fewer blocks than G2 fit the narrow layout's memory cap; scale 2 exceeds them): the values
+    and positions of the k1-th largest have the law of brute-force sorting of s + εZ (two-sample KS test on
+    the values, chi-square on the positions of the 30 highest scores and the rest pooled)."""
+    from scipy.stats import chi2_contingency, ks_2samp
+
+    import losses.noised_sampler as ns
+
+    n, k1, draws = 3000, 6, 20_000
+    s = np.random.default_rng(5).standard_normal(n) * scale
+    assert (max(1, min(ns.G2, ns.G2MEM // n)) - 1 > (s.max() - s.min()) / ns.W) == (scale == 1.0)
+    vals, pos = sample_kth(s[None, :], k1, 1.0, draws, seed=3)
+    rng = np.random.default_rng(6)
+    ref_vals, ref_pos = np.empty(draws), np.empty(draws, np.int64)
+    for c in range(0, draws, 1000):
+        x = s + rng.standard_normal((1000, n))
+        p = np.argpartition(-x, k1 - 1, axis=1)[:, k1 - 1]
+        ref_pos[c:c + 1000], ref_vals[c:c + 1000] = p, x[np.arange(1000), p]
+    assert ks_2samp(vals[0], ref_vals).pvalue > 1e-3
+    top = np.argsort(-s)[:30]
+    slot = np.full(n, 30)
+    slot[top] = np.arange(30)
+    table = np.array([np.bincount(slot[pos[0]], minlength=31), np.bincount(slot[ref_pos], minlength=31)])
+    table = table[:, table.sum(0) > 0]
+    assert chi2_contingency(table).pvalue > 1e-3
+
+
+def test_non_finite_rows_give_nan_and_leave_the_others_alone() -> None:
+    """A row with a NaN or an infinity gets NaN values (position 0); every other row's draws are those it gets
+    in a batch without the bad rows (each row has its own stream), narrow and wide rows alike."""
+    rng = np.random.default_rng(1)
+    s = np.stack([rng.standard_normal(50), rng.standard_normal(50) * 300, rng.standard_normal(50),
+                  rng.standard_normal(50)])
+    bad = s.copy()
+    bad[2, 7], bad[3, 0] = math.nan, -math.inf
+    for arr in (s, bad):
+        arr.setflags(write=False)
+    v_ok, p_ok = sample_kth(s, 4, 1.0, 13, seed=8)
+    v_bad, p_bad = sample_kth(bad, 4, 1.0, 13, seed=8)
+    assert np.isnan(v_bad[2:]).all() and (p_bad[2:] == 0).all()
+    np.testing.assert_array_equal(v_bad[:2], v_ok[:2])
+    np.testing.assert_array_equal(p_bad[:2], p_ok[:2])
+    assert np.isfinite(v_ok).all()
