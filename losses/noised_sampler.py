@@ -18,7 +18,18 @@ s_i + εZ_i > t0. Buckets more than DFAR·W·ε (3 ε) below t0 share one walk o
 largest is read off it whenever it has ≥ k+1 entries; otherwise (rare) the remaining entries are drawn
 from N(s_i, ε²) truncated to (−∞, t0], which is their exact conditional law given the exceedances.
 Cost per draw: the entries within ~0.7 ε of t0 plus O(k + √k) truncated normals; per row a few O(n) passes
-(vectorised max/min and bucket codes, a counting sort of the entries within 3 ε of t0).
+(vectorised max/min and bucket codes, the counts, a listing of the entries within 3 ε of t0 by bucket).
+
+Listing the near entries by bucket: the walks only need, per bucket, a fixed list of its entries (a hit at
+position p of the bucket's grid is its p-th listed entry); which order a list has does not matter for the
+law, since it is fixed before any draw of the row. Three layouts give such lists, chosen per row by its
+shape only: a row spanning fewer than G2 buckets (scores of s.d. up to ~4.5 ε at n = 1000) writes every entry into its
+bucket's block of n slots in the same pass that counts them (bucket g: lst[g·n : g·n + hist[g]]; at most
+G2MEM slots, so fewer blocks at large n); a wider row with at least n/FULLSORT near entries counting-sorts
+the whole row; otherwise the near entries are compacted and only they are counting-sorted. The walks use
+precomputed reciprocals of the hazards and of Robert's rates (multiplications, not divisions: the same
+gaps up to float64 rounding). These layouts consume the random stream in another order than the previous
+version, so a seed gives other draws than before (same law; the loss's registry version is unchanged).
 
 The draws of a row are sampled together, in blocks of DB: every walk runs over a bucket's (entry, draw)
 grid, and a hit at grid position P is entry P // DB' of draw P mod DB' (DB' the block's size), which is the
