@@ -23,10 +23,10 @@ Cost per draw: the entries within ~0.7 ε of t0 plus O(k + √k) truncated norma
 Listing the near entries by bucket: the walks only need, per bucket, a fixed list of its entries (a hit at
 position p of the bucket's grid is its p-th listed entry); which order a list has does not matter for the
 law, since it is fixed before any draw of the row. Three layouts give such lists, chosen per row by its
-shape only: a row spanning fewer than G2 buckets (scores of s.d. up to ~4.5 ε at n = 1000) writes every entry into its
-bucket's block of n slots in the same pass that counts them (bucket g: lst[g·n : g·n + hist[g]]; at most
-G2MEM slots, so fewer blocks at large n); a wider row with at least n/FULLSORT near entries counting-sorts
-the whole row; otherwise the near entries are compacted and only they are counting-sorted. The walks use
+shape only: a row spanning fewer than G2 buckets (scores of s.d. up to ~4.5 ε at n = 1000) writes every
+entry into its bucket's block of n slots in the same pass that counts them (bucket g: lst[g·n : g·n +
+hist[g]]; at most G2MEM slots, so fewer blocks at large n); a wider row with at least n/FULLSORT near
+entries counting-sorts the whole row; otherwise the near entries are compacted and only they are sorted. The walks use
 precomputed reciprocals of the hazards and of Robert's rates (multiplications, not divisions: the same
 gaps up to float64 rounding). These layouts consume the random stream in another order than the previous
 version, so a seed gives other draws than before (same law; the loss's registry version is unchanged).
