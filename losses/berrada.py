@@ -330,7 +330,7 @@ def smooth_topk_svm(
         want = torch.is_grad_enabled() and x.requires_grad
         z, ok, grad = esp_margin(x, labels, k, scale, want)  # z float64
         if ok.numpy().all():  # the common case: one autograd node for the whole loss
-            return EspLoss.apply(x, labels, z, grad, scale, alpha, tau)
+            return EspLoss.apply(x, labels, z, grad, scale, alpha, tau, k)
         z = EspMargin.apply(x, labels, z, ok, grad, scale)  # near-hard rows (not ok) from the log-space tree
         fix, margin = tree_fix(ok, "compiled")
         z = torch.where(ok, z, fix - margin)

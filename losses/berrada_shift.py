@@ -149,26 +149,34 @@ class EspMargin(torch.autograd.Function):
 
 class EspLoss(torch.autograd.Function):
     """Per-sample loss τ·softplus(α/τ + z) [B] (in scores' dtype) from the compiled kernel's outputs, when every
-    row is ok: z [B] float64 and ∂r/∂a [B, n] (or None without gradient) from ``berrada_esp.esp_margin``.
+    row is ok: z [B] float64 and ∂r/∂a [B, n] (or None without gradient) from ``esp_margin`` (for this k).
 
     One autograd node instead of margin + softplus + casts: the backward is ∂L/∂s = scale·softplus'(u)·
-    (∂r/∂a − onehot(y)) with u = α/τ + z and softplus' as torch computes it (1 above its threshold 20)."""
+    (∂r/∂a − onehot(y)) with u = α/τ + z and softplus' as torch computes it (1 above its threshold 20).
+    The first backward scales the kernel's fresh ∂r/∂a buffer in place and hands it to autograd (which
+    keeps it as the gradient: no second [B, n] buffer and pass); a further backward through the same
+    graph (retain_graph, gradcheck) recomputes ∂r/∂a from the saved scores."""
 
     @staticmethod
-    def forward(ctx, scores, labels, z, grad, scale: float, alpha: float, tau: float):  # type: ignore[override]
+    def forward(ctx, scores, labels, z, grad, scale: float, alpha: float, tau: float,  # type: ignore[override]
+                k: int):
         # on [B] in NumPy float64 (a handful of torch ops cost more than the arithmetic); softplus and its
         # slope as torch has them: u above the threshold 20 passes through, else log1p(exp(u))
         u = alpha / tau + z.numpy()
         big = u > 20.0
         eu = np.exp(np.minimum(u, 20.0))
         slope = np.where(big, 1.0, eu / (eu + 1.0))
-        ctx.save_for_backward(grad, labels, torch.from_numpy(slope * (tau * scale)))
+        ctx.save_for_backward(scores, labels, torch.from_numpy(slope * (tau * scale)))
+        ctx.grad, ctx.scale, ctx.k = grad, scale, k  # an attribute, not saved: released by the first backward
         return torch.from_numpy(tau * np.where(big, u, np.log1p(eu))).to(scores.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        grad, labels, dz = ctx.saved_tensors
-        coef = (grad_out.detach().numpy().astype(np.float64) * dz.numpy()).astype(grad.numpy().dtype)
-        out = grad * torch.from_numpy(coef)[:, None]
+        scores, labels, dz = ctx.saved_tensors
+        out, ctx.grad = ctx.grad, None
+        if out is None:  # a second backward: the first one took the buffer
+            out = esp_margin(scores.detach(), labels, ctx.k, ctx.scale, True)[2]
+        coef = (grad_out.detach().numpy().astype(np.float64) * dz.numpy()).astype(out.numpy().dtype)
+        out.mul_(torch.from_numpy(coef)[:, None])
         out.numpy()[np.arange(len(coef)), labels.numpy()] = -coef
-        return out, None, None, None, None, None, None
+        return out, None, None, None, None, None, None, None

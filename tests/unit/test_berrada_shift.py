@@ -66,7 +66,7 @@ def test_one_node_loss_matches_the_composite(dtype: torch.dtype, tol: float) -> 
             w = torch.randn(24, generator=gen, dtype=dtype)  # any upstream gradient
             z, ok, grad = esp_margin(s, y, k, 1.0 / (k * tau), True)
             assert bool(ok.all())
-            out = EspLoss.apply(s, y, z, grad, 1.0 / (k * tau), alpha, tau)
+            out = EspLoss.apply(s, y, z, grad, 1.0 / (k * tau), alpha, tau, k)
             ref = _composite(s, y, k, alpha, tau)
             g_out, = torch.autograd.grad((out * w).sum(), s)
             g_ref, = torch.autograd.grad((ref * w).sum(), s)
@@ -117,3 +117,23 @@ def test_kernel_with_the_largest_scores_in_the_tail(dtype: torch.dtype) -> None:
         tol = 1e-12 if dtype == torch.float64 else 2e-6
         torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
         torch.testing.assert_close(g_got.double(), g_ref, rtol=10 * tol, atol=10 * tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_second_backward_through_the_same_graph(dtype: torch.dtype) -> None:
+    """The first backward hands the kernel's buffer to autograd (scaled in place); a second one through the
+    retained graph recomputes it: both give the same gradient, and the first one is not changed."""
+    gen = torch.Generator().manual_seed(5)
+    s = (torch.randn(16, 300, generator=gen, dtype=torch.float64) * 10).to(dtype).requires_grad_()
+    y = torch.randint(0, 300, (16,), generator=gen)
+    w = torch.rand(16, generator=gen, dtype=dtype)
+    loss = (smooth_topk_svm(s, y, 5, 1.0, 1.0, method="esp") * w).sum()
+    first, = torch.autograd.grad(loss, s, retain_graph=True)
+    kept = first.clone()
+    second, = torch.autograd.grad(2 * loss, s)
+    torch.testing.assert_close(second, 2 * kept, rtol=0, atol=0)
+    torch.testing.assert_close(first, kept, rtol=0, atol=0)
+    s64 = s.detach().double().requires_grad_()
+    ref, = torch.autograd.grad((smooth_topk_svm(s64, y, 5, 1.0, 1.0, method="log") * w.double()).sum(), s64)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(first.double(), ref, rtol=10 * tol, atol=10 * tol)
