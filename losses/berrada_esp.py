@@ -98,30 +98,47 @@ def _push(vals, cnt, m_top, x):  # pragma: no cover - compiled
     return cnt
 
 
+def _insert(buf, m_top, x):  # pragma: no cover - compiled
+    """Insert x into buf[:m_top] (descending, −inf for empty slots; the smallest drops out), branch-free: a
+    compare-exchange with every slot (a NaN x changes nothing)."""
+    for j in range(m_top):
+        b = buf[j]
+        up = x > b
+        buf[j] = x if up else b
+        x = b if up else x
+
+
 def _thresholds(e, m_top, out, cls):  # pragma: no cover - compiled
-    """Per row: the m_top-th largest of the residue-class maxima (and of the tail elements), or 0
-    if there are fewer; cls[b] = the class maxima. The class maxima are a vectorised pass (mx is
-    local: no aliasing)."""
+    """Per row: the m_top-th largest of the residue-class maxima (and of the tail elements), 0 if there
+    are fewer, NaN if the row holds a NaN; cls[b] = the class maxima (NaN for a class with a NaN). The
+    class maxima are a vectorised pass (mx is local: no aliasing); the selection is branch-free (the
+    rows differ at every call: data-dependent branches would mispredict)."""
     batch, n = e.shape
     ng = n - n % RESIDUES
     mx = np.empty(RESIDUES, dtype=e.dtype)
     cbuf = np.empty(m_top)
     for b in range(batch):
         er = e[b]
-        cnt = 0
+        cbuf[:] = -np.inf
+        nan = False
         if ng > 0:
             mx[:] = er[:RESIDUES]
             for g in range(RESIDUES, ng, RESIDUES):
                 blk = er[g:g + RESIDUES]
                 for q in range(RESIDUES):
                     x = blk[q]
-                    mx[q] = x if x > mx[q] else mx[q]
+                    mx[q] = x if (x > mx[q]) | (x != x) else mx[q]  # a NaN sticks
             cls[b] = mx
             for q in range(RESIDUES):
-                cnt = _push(cbuf, cnt, m_top, np.float64(mx[q]))
+                x = np.float64(mx[q])
+                nan |= x != x
+                _insert(cbuf, m_top, x)
         for i in range(ng, n):
-            cnt = _push(cbuf, cnt, m_top, np.float64(er[i]))
-        out[b] = cbuf[m_top - 1] if cnt == m_top else 0.0
+            x = np.float64(er[i])
+            nan |= x != x
+            _insert(cbuf, m_top, x)
+        t = cbuf[m_top - 1]
+        out[b] = np.nan if nan else (t if t > -np.inf else 0.0)
 
 
 def _collect(er, t, mx, bidx):  # pragma: no cover - compiled
@@ -201,7 +218,7 @@ def _grad_buffer(gb, bval, bidx, nb, pre, suf, k, inv_k, inv_km1):  # pragma: no
         gb[bidx[q]] = bval[q] * (d1 * inv_k - d2 * inv_km1)
 
 
-_HELPERS = (_push, _thresholds, _collect, _kth_and_product, _combine, _with_buffer, _grad_buffer)
+_HELPERS = (_push, _insert, _thresholds, _collect, _kth_and_product, _combine, _with_buffer, _grad_buffer)
 
 
 # ----------------------------------------------------------------------------- the generated kernel
@@ -212,7 +229,7 @@ from numba import njit
 
 from losses.berrada_esp import _compiled_helpers
 
-_thresholds, _collect, _kth_and_product, _combine, _with_buffer, _grad_buffer = _compiled_helpers()[1:]
+_thresholds, _collect, _kth_and_product, _combine, _with_buffer, _grad_buffer = _compiled_helpers()[2:]
 
 
 @njit(cache=True, fastmath={{"contract"}})
