@@ -50,7 +50,7 @@ from torch import nn
 from harness.registry import Log, Param, register_loss
 from losses.berrada_esp import KMAX as ESP_KMAX
 from losses.berrada_esp import _kernel as esp_kernel
-from losses.berrada_shift import EspLoss, EspMargin, esp_margin
+from losses.berrada_shift import EspLoss, EspMargin, esp_loss
 from losses.common import check_k, working_precision
 from losses.reference_difftopk import berrada_smooth_reference
 
@@ -328,9 +328,10 @@ def smooth_topk_svm(
 
     if method == "esp" or (method == "auto" and x.device.type == "cpu" and k <= ESP_KMAX):
         want = torch.is_grad_enabled() and x.requires_grad
-        z, ok, grad = esp_margin(x, labels, k, scale, want)  # z float64
-        if ok.numpy().all():  # the common case: one autograd node for the whole loss
-            return EspLoss.apply(x, labels, z, grad, scale, alpha, tau)
+        parts, margin_parts = esp_loss(x, labels, k, scale, alpha, tau, want)
+        if parts is not None:  # the common case: every row ok, one autograd node for the whole loss
+            return EspLoss.apply(x, labels, *parts, scale, k)
+        z, ok, grad = margin_parts  # z float64
         z = EspMargin.apply(x, labels, z, ok, grad, scale)  # near-hard rows (not ok) from the log-space tree
         fix, margin = tree_fix(ok, "compiled")
         z = torch.where(ok, z, fix - margin)

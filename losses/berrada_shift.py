@@ -83,8 +83,8 @@ def _scratch(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
 
 
 def exp_shifted_masked(s: torch.Tensor, labels: torch.Tensor,
-                       scale: float) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """(e [B, n], m [B, 1], a_y [B] float64 = (s_y − m)·scale) for contiguous CPU scores s (float32/float64):
+                       scale: float) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(e [B, n], m [B], a_y [B] float64 = (s_y − m)·scale) for contiguous CPU scores s (float32/float64):
     m = max_{j≠y} s_j, e = exp((s − m)·scale) clamped below at the smallest normal number·e² as in
     berrada_esp.exp_shifted, e_y = 0, in s's dtype. e is a scratch buffer: valid until the next call in this
     thread."""
@@ -101,14 +101,59 @@ def exp_shifted_masked(s: torch.Tensor, labels: torch.Tensor,
     buf = e.numpy()
     _KERNEL(arr, labels.numpy().astype(np.int64, copy=False), typ(scale), typ(_LO[s.dtype]), float(scale), buf, m, a_y)
     np.exp(buf, out=buf)
-    return e, torch.from_numpy(m)[:, None], a_y
+    return e, m, a_y
 
 
-def esp_margin(scores: torch.Tensor, labels: torch.Tensor, k: int, scale: float,
-               want: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(z [B] float64, ok [B], ∂r/∂a [B, n] or None) from the compiled kernel, without autograd (see EspMargin)."""
+def _softplus_rows(ratio, a_y, c, tau, slope_scale, value, slope):  # pragma: no cover - compiled
+    """value[b] = τ·softplus(u), slope[b] = softplus'(u)·slope_scale with u = c + ratio[b] − a_y[b], softplus and
+    its slope as torch has them (u above its threshold 20 passes through, else log1p(exp(u)))."""
+    for b in range(ratio.shape[0]):
+        u = c + (ratio[b] - a_y[b])
+        if u > 20.0:
+            value[b], slope[b] = tau * u, slope_scale
+        else:
+            eu = np.exp(u)
+            value[b], slope[b] = tau * np.log1p(eu), eu / (eu + 1.0) * slope_scale
+
+
+_SOFTPLUS = None
+
+LossParts = tuple[np.ndarray, np.ndarray, "torch.Tensor | None"]  # loss [B], its slope [B], ∂r/∂a [B, n] or None
+MarginParts = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # esp_margin's (z, ok, ∂r/∂a)
+
+
+def esp_loss(scores: torch.Tensor, labels: torch.Tensor, k: int, scale: float, alpha: float, tau: float,
+             want: bool) -> tuple[LossParts | None, MarginParts | None]:
+    """The kernel's pass and the per-row loss in one go: ((loss τ·softplus(α/τ + z) [B] float64, its slope
+    ∂L/∂z·scale [B], ∂r/∂a [B, n] or None), None) when every row is ok (after the float64 redo of the rows
+    that need it), else (None, ``esp_margin``'s outputs) for the caller's log-space fix."""
+    global _SOFTPLUS
+    if _SOFTPLUS is None:
+        import numba
+
+        _SOFTPLUS = numba.njit(cache=True, nogil=True)(_softplus_rows)
     e, m, a_y = exp_shifted_masked(scores, labels, scale)  # e: a scratch buffer, read by the kernel only
     ratio, status, grad = esp_ratio(e, k, want)
+    if status.any():
+        z, ok, grad = esp_margin(scores, labels, k, scale, want, raw=(m, a_y, ratio, status, grad))
+        if not ok.numpy().all():
+            return None, (z, ok, grad)
+        ratio, a_y = z.numpy(), np.zeros_like(a_y)
+    value, slope = np.empty(len(ratio)), np.empty(len(ratio))
+    _SOFTPLUS(ratio, a_y, alpha / tau, tau, tau * scale, value, slope)
+    return (value, slope, grad), None
+
+
+def esp_margin(scores: torch.Tensor, labels: torch.Tensor, k: int, scale: float, want: bool,
+               raw: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(z [B] float64, ok [B], ∂r/∂a [B, n] or None) from the compiled kernel, without autograd (see EspMargin);
+    raw: the kernel's outputs (m, a_y, ratio, status, ∂r/∂a) for these arguments, if it ran already."""
+    if raw is None:
+        e, m, a_y = exp_shifted_masked(scores, labels, scale)  # e: a scratch buffer, read by the kernel only
+        ratio, status, grad = esp_ratio(e, k, want)
+    else:
+        m, a_y, ratio, status, grad = raw
+    m = torch.from_numpy(m)[:, None]
     redo = status == FLOAT64
     if redo.any() and scores.dtype == torch.float64:
         status[redo] = LOG_SPACE
@@ -148,27 +193,26 @@ class EspMargin(torch.autograd.Function):
 
 
 class EspLoss(torch.autograd.Function):
-    """Per-sample loss τ·softplus(α/τ + z) [B] (in scores' dtype) from the compiled kernel's outputs, when every
-    row is ok: z [B] float64 and ∂r/∂a [B, n] (or None without gradient) from ``berrada_esp.esp_margin``.
-
-    One autograd node instead of margin + softplus + casts: the backward is ∂L/∂s = scale·softplus'(u)·
-    (∂r/∂a − onehot(y)) with u = α/τ + z and softplus' as torch computes it (1 above its threshold 20)."""
+    """Per-sample loss τ·softplus(α/τ + z) [B] (in scores' dtype) as one autograd node, from ``esp_loss``'s
+    LossParts (every row ok): the loss, its slope ∂L/∂z·scale [B] and ∂r/∂a [B, n] (or None without
+    gradient). The backward is ∂L/∂s = scale·softplus'(u)·(∂r/∂a − onehot(y)).
+    The first backward scales the kernel's fresh ∂r/∂a buffer in place and hands it to autograd (which
+    keeps it as the gradient: no second [B, n] buffer and pass); a further backward through the same
+    graph (retain_graph, gradcheck) recomputes ∂r/∂a from the saved scores."""
 
     @staticmethod
-    def forward(ctx, scores, labels, z, grad, scale: float, alpha: float, tau: float):  # type: ignore[override]
-        # on [B] in NumPy float64 (a handful of torch ops cost more than the arithmetic); softplus and its
-        # slope as torch has them: u above the threshold 20 passes through, else log1p(exp(u))
-        u = alpha / tau + z.numpy()
-        big = u > 20.0
-        eu = np.exp(np.minimum(u, 20.0))
-        slope = np.where(big, 1.0, eu / (eu + 1.0))
-        ctx.save_for_backward(grad, labels, torch.from_numpy(slope * (tau * scale)))
-        return torch.from_numpy(tau * np.where(big, u, np.log1p(eu))).to(scores.dtype)
+    def forward(ctx, scores, labels, value, slope, grad, scale: float, k: int):  # type: ignore[override]
+        ctx.save_for_backward(scores, labels)
+        ctx.slope, ctx.grad, ctx.scale, ctx.k = slope, grad, scale, k  # grad: released by the first backward
+        return torch.from_numpy(value).to(scores.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        grad, labels, dz = ctx.saved_tensors
-        coef = (grad_out.detach().numpy().astype(np.float64) * dz.numpy()).astype(grad.numpy().dtype)
-        out = grad * torch.from_numpy(coef)[:, None]
+        scores, labels = ctx.saved_tensors
+        out, ctx.grad = ctx.grad, None
+        if out is None:  # a second backward: the first one took the buffer
+            out = esp_margin(scores.detach(), labels, ctx.k, ctx.scale, True)[2]
+        coef = (grad_out.detach().numpy().astype(np.float64) * ctx.slope).astype(out.numpy().dtype)
+        out.mul_(torch.from_numpy(coef)[:, None])
         out.numpy()[np.arange(len(coef)), labels.numpy()] = -coef
         return out, None, None, None, None, None, None

@@ -12,7 +12,7 @@ from losses.difftopk.label_mass import network_label_mass
 from losses.difftopk.networks import NETWORKS, TorchNetwork
 from losses.difftopk.relaxations import DISTRIBUTIONS
 from losses.difftopk.sinkhorn import sinkhorn_topk
-from losses.topk_ce import prepare_inputs
+from losses.topk_ce import prepare_inputs, preselect
 from losses.difftopk.sorters import (
     SORTERS,
     neuralsort_topk,
@@ -24,6 +24,9 @@ from losses.difftopk.sorters import (
 # except Sinkhorn: 1/n_sort, i.e. epsilon = n in squared rank units (see losses.difftopk.sinkhorn).
 DEFAULT_INVERSE_TEMPERATURE = {s: 1.0 for s in SORTERS if s != "sinkhorn"}
 TOP1_MODES = ("sort", "sm", "smce")
+# NeuralSort/SoftSort on CPU float32/float64 scores: the whole loss as one compiled call each way
+# (losses.difftopk.sorter_kernels); False: the torch path everywhere (tests compare the two).
+COMPILED = True
 
 
 @register_loss(
@@ -117,7 +120,16 @@ class DiffTopKLoss(nn.Module):
         return (P * self.col_weights.to(s.dtype).view(1, -1, 1)).sum(1)
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        s, labels = prepare_inputs(scores, labels, self.num_classes, self.m)
+        s, labels = prepare_inputs(scores, labels, self.num_classes, None)
+        if COMPILED and self.sorter in ("neuralsort", "softsort"):
+            from losses.difftopk import sorter_kernels
+
+            if sorter_kernels.fusable(s, self.sorter, self.n_sort):
+                return sorter_kernels.compiled_sorter_loss(s, labels, self.m, self.sorter, self.col_weights,
+                                                           self.p_k[0], self.topk_mass, self.top1_mode,
+                                                           self.inverse_temperature)
+        if self.m is not None:
+            s, labels = preselect(s, labels, self.m)
         y = labels.unsqueeze(1)
         if self.topk_mass > 0 and self.network is not None:
             q = network_label_mass(s, labels, self.network, self.col_weights, self.inverse_temperature,

@@ -144,3 +144,27 @@ def test_generated_source_is_checked_before_import(tmp_path, monkeypatch) -> Non
     berrada_esp._kernel(1)  # rewritten from the generated text, then imported
     assert "tampered" not in path.read_text()
     assert path.read_text() == berrada_esp._source(1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_thresholds_are_the_mth_largest_class_maximum(dtype) -> None:
+    """The branch-free selection: the m_top-th largest of the residue-class maxima and the tail elements
+    (NumPy's sort as the oracle), with ties, 0 when there are fewer values, NaN when one is NaN."""
+    thresholds = berrada_esp._compiled_helpers()[2]
+    rng = np.random.default_rng(0)
+    res = berrada_esp.RESIDUES
+    for n, m_top in ((1000, 10), (1000, 32), (64, 2), (130, 20), (40, 12), (5, 10), (200, 1)):
+        e = rng.random((9, n)).astype(dtype)
+        e[1] = np.round(e[1] * 4) / 4  # ties
+        e[2] = 0.0
+        e[3, n // 2] = np.nan
+        out, cls = np.empty(9), np.empty((9, res), dtype)
+        thresholds(e, m_top, out, cls)
+        ng = n - n % res
+        for b in range(9):
+            cand = np.concatenate([e[b, :ng].reshape(-1, res).max(0) if ng else e[b, :0], e[b, ng:]]).astype(float)
+            if np.isnan(cand).any():
+                assert np.isnan(out[b]), (n, m_top, b)
+                continue
+            want = np.sort(cand)[::-1][m_top - 1] if len(cand) >= m_top else 0.0
+            assert out[b] == want, (n, m_top, b, out[b], want)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from losses.berrada import smooth_topk_svm
 from losses.berrada_esp import exp_shifted
-from losses.berrada_shift import EspLoss, EspMargin, esp_margin, exp_shifted_masked
+from losses.berrada_shift import EspLoss, EspMargin, esp_loss, esp_margin, exp_shifted_masked
 
 
 def _torch_shift(s: torch.Tensor, y: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,6 +27,7 @@ def test_input_pass_is_bitwise_the_torch_one(dtype: torch.dtype) -> None:
             y[0], y[1] = 0, n - 1  # label in the first block and in the tail
             s[2, y[2]] = 1e6  # the label holds the row's maximum: it must not count
             e, m, a_y = exp_shifted_masked(s, y, 0.2)
+            m = torch.from_numpy(m)[:, None]
             e_ref, m_ref = _torch_shift(s, y, 0.2)
             assert torch.equal(m, m_ref) and torch.equal(e, e_ref), (n, scale)
             a_ref = (s.gather(1, y[:, None]).squeeze(1).double() - m_ref.squeeze(1).double()) * 0.2
@@ -42,6 +43,7 @@ def test_input_pass_nan_and_inf() -> None:
     s[3, 7] = float("nan")  # the label's own NaN is masked out
     y = torch.tensor([5, 3, 1, 7])
     e, m, _ = exp_shifted_masked(s, y, 0.5)
+    m = torch.from_numpy(m)[:, None]
     e_ref, m_ref = _torch_shift(s, y, 0.5)
     torch.testing.assert_close(m, m_ref, equal_nan=True)
     torch.testing.assert_close(e, e_ref, equal_nan=True)
@@ -64,9 +66,9 @@ def test_one_node_loss_matches_the_composite(dtype: torch.dtype, tol: float) -> 
             s = (torch.randn(24, n, generator=gen, dtype=torch.float64) * scale).to(dtype).requires_grad_()
             y = torch.randint(0, n, (24,), generator=gen)
             w = torch.randn(24, generator=gen, dtype=dtype)  # any upstream gradient
-            z, ok, grad = esp_margin(s, y, k, 1.0 / (k * tau), True)
-            assert bool(ok.all())
-            out = EspLoss.apply(s, y, z, grad, 1.0 / (k * tau), alpha, tau)
+            parts, _ = esp_loss(s, y, k, 1.0 / (k * tau), alpha, tau, True)
+            assert parts is not None  # every row ok
+            out = EspLoss.apply(s, y, *parts, 1.0 / (k * tau), k)
             ref = _composite(s, y, k, alpha, tau)
             g_out, = torch.autograd.grad((out * w).sum(), s)
             g_ref, = torch.autograd.grad((ref * w).sum(), s)
@@ -117,3 +119,23 @@ def test_kernel_with_the_largest_scores_in_the_tail(dtype: torch.dtype) -> None:
         tol = 1e-12 if dtype == torch.float64 else 2e-6
         torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
         torch.testing.assert_close(g_got.double(), g_ref, rtol=10 * tol, atol=10 * tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_second_backward_through_the_same_graph(dtype: torch.dtype) -> None:
+    """The first backward hands the kernel's buffer to autograd (scaled in place); a second one through the
+    retained graph recomputes it: both give the same gradient, and the first one is not changed."""
+    gen = torch.Generator().manual_seed(5)
+    s = (torch.randn(16, 300, generator=gen, dtype=torch.float64) * 10).to(dtype).requires_grad_()
+    y = torch.randint(0, 300, (16,), generator=gen)
+    w = torch.rand(16, generator=gen, dtype=dtype)
+    loss = (smooth_topk_svm(s, y, 5, 1.0, 1.0, method="esp") * w).sum()
+    first, = torch.autograd.grad(loss, s, retain_graph=True)
+    kept = first.clone()
+    second, = torch.autograd.grad(2 * loss, s)
+    torch.testing.assert_close(second, 2 * kept, rtol=0, atol=0)
+    torch.testing.assert_close(first, kept, rtol=0, atol=0)
+    s64 = s.detach().double().requires_grad_()
+    ref, = torch.autograd.grad((smooth_topk_svm(s64, y, 5, 1.0, 1.0, method="log") * w.double()).sum(), s64)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(first.double(), ref, rtol=10 * tol, atol=10 * tol)

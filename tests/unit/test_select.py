@@ -78,3 +78,21 @@ def test_top_scores_in_the_strided_remainder_and_label_chunk(dtype):
     labels = torch.tensor([995, 5, 37, 999, 992, 0, 1, 2] * 2)
     idx = top_other_indices(s, labels, 15)
     assert np.array_equal(idx.numpy(), _reference(s, labels, 15))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("step", [0.0, 0.05, 0.25, 1.0])
+def test_ties_among_few_candidates_and_the_label_above_the_threshold(dtype, step):
+    """Scores rounded to a grid (ties near the top, yet few candidates above the threshold, so the rank
+    placement decides their order) and labels on some rows' largest scores, which must stay out."""
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(128, 1000, generator=g, dtype=torch.float64) * 3
+    if step:
+        s = torch.round(s / step) * step
+    s = s.to(dtype)
+    labels = torch.randint(0, 1000, (128,), generator=g)
+    labels[::3] = s[::3].argmax(1)  # the label is a candidate, then it must not count
+    labels[1::3] = s[1::3].argsort(1, descending=True)[:, 20]  # a candidate just below the selection
+    for count in (5, 15, 31):
+        idx = top_other_indices(s, labels, count)
+        assert np.array_equal(idx.numpy(), _reference(s, labels, count)), (step, count)
