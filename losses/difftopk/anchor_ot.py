@@ -29,7 +29,8 @@ import math
 import numpy as np
 
 # the same plain functions as the semi-dual solver's (both modules compile them on first use)
-from losses.difftopk.semidual import _error, _solve_small  # noqa: F401
+from losses.difftopk import semidual
+from losses.difftopk.semidual import _capped_trial, _error, _improves, _sinkhorn_update, _solve_small  # noqa: F401
 
 NORMALISED, SQUASHED = 0, 1
 SPREAD = 30.0  # max − min of (g − g⁰)/ε before the reference g⁰ moves
@@ -168,8 +169,7 @@ def _solve_row(logit, b, log_b, eps, tol, budget, step_cap, g, work, hess, dampe
     while err > tol and steps < budget:
         steps += 1
         if not newton:
-            for j in range(r):  # Sinkhorn update of the anchors
-                g[j] += eps * (log_b[j] - math.log(max(c[j], 1e-300)))
+            _sinkhorn_update(g, log_b, c, eps)
             value = _evaluate(logit, g, b, eps, ref, kern, top, scaled, total, sigma, c)
         newton = False
         for j in range(r):  # −ε·n × Hessian: the graph Laplacian of σσᵀ's off-diagonal weights
@@ -192,15 +192,9 @@ def _solve_row(logit, b, log_b, eps, tol, budget, step_cap, g, work, hess, dampe
             if not _solve_small(damped, rhs, delta):
                 mu *= 16
                 continue
-            size = 0.0
-            for j in range(r):
-                size = max(size, abs(delta[j]))
-            shrink = step_cap / size if size > step_cap else 1.0
-            for j in range(r):
-                trial_g[j] = g[j] + shrink * delta[j]
+            shrink = _capped_trial(g, delta, step_cap, trial_g)
             trial = _evaluate(logit, trial_g, b, eps, ref, kern, top, scaled, total, t_sigma, t_c)
-            flat = trial >= value - 1e-14 * max(abs(value), 1.0)
-            if trial > value or (flat and _error(t_c, b) < _error(c, b)):
+            if _improves(trial, value, t_c, c, b):
                 g[:] = trial_g
                 c[:] = t_c
                 sigma[:, :] = t_sigma
@@ -386,9 +380,10 @@ def _compile() -> None:
     if _FORWARD is None:
         import numba
 
+        semidual._compile()  # _improves calls _error from its own module: compiled there first
         jit = numba.njit(cache=True, nogil=True, error_model="numpy")
-        for name in ("_mean_std", "_points", "_hard_start", "_rebase", "_evaluate", "_error", "_solve_small",
-                     "_solve_row", "_largest", "_squash_backward"):
+        for name in ("_mean_std", "_points", "_hard_start", "_rebase", "_evaluate", "_error", "_sinkhorn_update",
+                     "_capped_trial", "_improves", "_solve_small", "_solve_row", "_largest", "_squash_backward"):
             function = globals()[name]
             globals()[name] = jit(getattr(function, "py_func", function))  # semidual may have compiled its own
         _FORWARD = jit(_forward_rows)

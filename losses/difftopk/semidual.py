@@ -53,6 +53,30 @@ def _error(c, b):
     return worst
 
 
+def _sinkhorn_update(g, log_b, c, eps):
+    """The anchors' Sinkhorn update g += ε·(log b − log c)."""
+    for j in range(len(g)):
+        g[j] += eps * (log_b[j] - math.log(max(c[j], 1e-300)))
+
+
+def _capped_trial(g, delta, step_cap, trial_g):
+    """trial_g = g + shrink·delta with the largest |step| capped at step_cap; returns shrink."""
+    size = 0.0
+    for j in range(len(delta)):
+        size = max(size, abs(delta[j]))
+    shrink = step_cap / size if size > step_cap else 1.0
+    for j in range(len(delta)):
+        trial_g[j] = g[j] + shrink * delta[j]
+    return shrink
+
+
+def _improves(trial, value, t_c, c, b):
+    """Keep a trial step: it raises the semi-dual, or leaves it flat within rounding and brings the anchor
+    marginals closer to b."""
+    flat = trial >= value - 1e-14 * max(abs(value), 1.0)
+    return trial > value or (flat and _error(t_c, b) < _error(c, b))
+
+
 def _solve_small(a, rhs, out):
     """out = a⁻¹ rhs by Gaussian elimination with partial pivoting (a, rhs overwritten); False if singular."""
     r = len(rhs)
@@ -114,8 +138,7 @@ def _solve_batch(cost, b, stages, stage_tols, g_all, budget, step_cap, errors, u
             mu = 1e-6
             while err > tol and steps < budget:
                 steps += 1
-                for j in range(r):  # Sinkhorn update of the anchors
-                    g[j] += eps * (log_b[j] - math.log(max(c[j], 1e-300)))
+                _sinkhorn_update(g, log_b, c, eps)
                 value = _semi_dual(cost[s], g, b, eps, sigma, c)
                 for _tries in range(4):
                     for j in range(r):  # graph Laplacian from off-diagonal weights, + μ·diag(c)
@@ -135,15 +158,9 @@ def _solve_batch(cost, b, stages, stage_tols, g_all, budget, step_cap, errors, u
                     if not _solve_small(hess, rhs, delta):
                         mu *= 16
                         continue
-                    size = 0.0
-                    for j in range(r):
-                        size = max(size, abs(delta[j]))
-                    shrink = step_cap / size if size > step_cap else 1.0
-                    for j in range(r):
-                        trial_g[j] = g[j] + shrink * delta[j]
+                    _capped_trial(g, delta, step_cap, trial_g)
                     trial = _semi_dual(cost[s], trial_g, b, eps, t_sigma, t_c)
-                    flat = trial >= value - 1e-14 * max(abs(value), 1.0)
-                    if trial > value or (flat and _error(t_c, b) < _error(c, b)):
+                    if _improves(trial, value, t_c, c, b):
                         for j in range(r):
                             g[j] = trial_g[j]
                             c[j] = t_c[j]
@@ -283,7 +300,7 @@ def _compile() -> None:
         import numba
 
         jit = numba.njit(cache=True)
-        for name in ("_semi_dual", "_error", "_solve_small"):
+        for name in ("_semi_dual", "_error", "_sinkhorn_update", "_capped_trial", "_improves", "_solve_small"):
             globals()[name] = jit(globals()[name])
         _KERNEL = jit(_solve_batch)
         _SYSTEMS = jit(_solve_systems)
