@@ -17,8 +17,10 @@ Implementation: the reference package `pytopk` draws all B·n·n_sample normals 
 `losses.noised_sampler` (numba), which draws only the normals that can reach the top k+1 and is exact
 in distribution (its docstring gives the argument); other devices (CUDA) use the dense computation,
 which is pytopk's own (same `torch.randn` layout, so the same sample under the same seed). Both feed
-one autograd Function whose backward is a scatter of the draw counts (and −1 at the label) into one
-[B, n] gradient, as pytopk's (on the CPU the forward hinge and this backward are one compiled pass each).
+an autograd Function whose backward is a scatter of the draw counts (and −1 at the label) into one
+[B, n] gradient, as pytopk's. On the CPU the whole forward (the draws and the hinge) and the backward are
+one compiled call each (`_NoisedHingeCPU`), seeded by one in-place draw from torch's generator: in a
+training step of a ~1 ms loss every extra torch op on a cold cache costs tens of microseconds.
 The loss value and gradient therefore match pytopk in distribution
 (tested against it: tests/unit/test_noised.py), not draw for draw on the CPU. The loss draws fresh
 noise at every call from torch's generator (seed torch for reproducibility).
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
 from typing import Any
 
 import numpy as np
@@ -114,14 +117,31 @@ class NoisedTopK(nn.Module):
             m_list = 1.0 / np.power(counts, 0.25)
             m_list = (m_list * (max_m / np.max(m_list))).astype(np.float32)
             self.register_buffer("m_list", torch.from_numpy(m_list), persistent=False)
+            self._cpu_margins = m_list.astype(np.float64)  # per class (exact: float32 values)
         else:
             self.m_list = None
+            self._cpu_margins = np.ones(1)
 
     def forward(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         s = working_precision(scores)
+        if s.device.type == "cpu" and not self.dense:  # the lazy sampler and the hinge in one compiled call
+            return _NoisedHingeCPU.apply(s, labels, self._cpu_margins, self.scale, self.k + 1, self.epsilon,
+                                         self.n_sample, draw_seed())
         margin = 1.0 if self.m_list is None else self.m_list.to(s.device)[labels].to(s.dtype)
         return _NoisedHinge.apply(s, labels, margin, self.scale, self.k + 1, self.epsilon, self.n_sample,
                                   self.dense)
+
+
+_SEED = threading.local()  # per thread, the int64 scalar that draw_seed draws into
+
+
+def draw_seed() -> int:
+    """A 63-bit seed for the CPU sampler from torch's generator, so that torch.manual_seed makes the loss
+    reproducible; drawn in place into a kept scalar (one op, not a new tensor per call)."""
+    buf = getattr(_SEED, "buf", None)
+    if buf is None:
+        buf = _SEED.buf = torch.empty((), dtype=torch.int64)
+    return int(buf.random_())
 
 
 def noised_kth(s: torch.Tensor, k1: int, epsilon: float, n_sample: int,
@@ -138,9 +158,29 @@ def noised_kth(s: torch.Tensor, k1: int, epsilon: float, n_sample: int,
         return (-neg).double(), pos
     from losses.noised_sampler import sample_kth
 
-    seed = int(torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64).item())
-    vals, pos = sample_kth(np.ascontiguousarray(s.numpy()), k1, epsilon, n_sample, seed)
+    vals, pos = sample_kth(np.ascontiguousarray(s.numpy()), k1, epsilon, n_sample, draw_seed())
     return torch.from_numpy(vals), torch.from_numpy(pos)
+
+
+class _NoisedHingeCPU(torch.autograd.Function):
+    """The noised hinge on the CPU: forward and backward are one compiled call each (losses.noised_sampler)."""
+
+    @staticmethod
+    def forward(ctx, s, labels, margins, scale, k1, epsilon, n_sample, seed):  # type: ignore[no-untyped-def, override]
+        from losses import noised_sampler
+
+        s_np, labels_np = np.ascontiguousarray(s.detach().numpy()), labels.numpy()
+        value, pos, active = noised_sampler.hinge_loss(s_np, labels_np, margins, scale, k1, epsilon, n_sample, seed)
+        ctx.arrays, ctx.scale = (s_np, pos, labels_np, active), scale  # s_np: only the gradient's shape and dtype
+        return torch.from_numpy(value.reshape(()))
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[no-untyped-def, override]
+        from losses import noised_sampler
+
+        s_np, pos, labels_np, active = ctx.arrays
+        grad = noised_sampler.hinge_grad(s_np, pos, labels_np, active, float(grad_out) * ctx.scale / len(s_np))
+        return torch.from_numpy(grad), None, None, None, None, None, None, None
 
 
 class _NoisedHinge(torch.autograd.Function):
@@ -150,16 +190,6 @@ class _NoisedHinge(torch.autograd.Function):
     def forward(ctx, s, labels, margin, scale, k1, epsilon, n_sample, dense):  # type: ignore[no-untyped-def, override]
         vals, pos = noised_kth(s, k1, epsilon, n_sample, dense)
         ctx.scale, ctx.shape = scale, s.shape
-        if s.device.type == "cpu" and not dense:  # one compiled pass, not ~10 small torch ops on [B] tensors
-            from losses import noised_sampler
-
-            marg = np.full(s.shape[0], margin, np.float64) if isinstance(margin, float) else \
-                margin.detach().double().numpy()
-            active = np.empty(s.shape[0], np.bool_)
-            value = noised_sampler.hinge_forward(vals.numpy(), s.detach().numpy(), labels.numpy(), marg,
-                                                 float(scale), active)
-            ctx.save_for_backward(pos, labels, torch.from_numpy(active))
-            return torch.tensor(value, dtype=s.dtype)
         phi = vals.to(s.device).mean(dim=1).to(s.dtype)
         s_y = s.detach().gather(1, labels[:, None]).squeeze(1)
         z = scale * (margin + phi - s_y)
@@ -170,14 +200,6 @@ class _NoisedHinge(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def, override]
         pos, labels, active = ctx.saved_tensors
         b, _ = ctx.shape
-        if grad_out.device.type == "cpu":  # one compiled pass writes the [B, n] gradient
-            from losses import noised_sampler
-
-            noised_sampler._kernel()  # compiles hinge_grad too
-            grad = torch.empty(ctx.shape, dtype=grad_out.dtype)
-            noised_sampler.hinge_grad(pos.numpy(), labels.numpy(), active.numpy(), float(grad_out) * ctx.scale / b,
-                                      grad.numpy())
-            return grad, None, None, None, None, None, None, None
         w = (grad_out * ctx.scale / b) * active.to(grad_out.dtype)
         grad = torch.zeros(ctx.shape, dtype=grad_out.dtype, device=grad_out.device)
         grad.scatter_add_(1, pos, (w / pos.shape[1])[:, None].expand(-1, pos.shape[1]).contiguous())

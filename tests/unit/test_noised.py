@@ -331,6 +331,15 @@ def test_finite_on_extremes_and_small_inputs_nan_propagates() -> None:
         assert torch.isnan(loss(x, torch.zeros(8, dtype=torch.long)))
 
 
+def test_labels_out_of_range_raise() -> None:
+    """The CPU kernel writes the gradient at the label unchecked, so it refuses a label outside the classes."""
+    loss = build_loss("noised_topk", 10, k=2)
+    s = torch.randn(4, 10, requires_grad=True)
+    for bad in (10, -1):
+        with pytest.raises(ValueError, match="label"):
+            loss(s, torch.tensor([0, 1, 2, bad]))
+
+
 def test_invalid_params() -> None:
     for k in (10, 11):
         with pytest.raises(ValueError, match="k="):
@@ -422,6 +431,36 @@ def test_lazy_sampler_row_layouts_exact(kind: str) -> None:
     draws = 60_003
     assert draws % ns.DB
     vals, pos = sample_kth(s[None, :], k1, eps, draws, seed=11)
+    mean, probs = _exact_kth(s, k1, eps)
+    assert abs(vals.mean() - mean) < 4.5 * vals.std() / math.sqrt(draws) + 1e-9 * max(1.0, abs(mean))
+    counts = np.bincount(pos[0], minlength=len(s))
+    pvals = [binomtest(int(c), draws, min(max(p, 0.0), 1.0)).pvalue for c, p in zip(counts, probs)]
+    assert min(pvals) > 1e-3 / len(s)
+
+
+FALLBACK_TUNES = {  # (TARGET_SD, TARGET_ADD, SHIFT_EXTRA, FARHITS): t0 too high, so that nearly every draw falls back
+    "second-stage": (-1.5, 0.0, 7.0, 64.0),  # ... and its second stage finds what it needs
+    "second-stage-short": (-1.5, 0.0, 0.5, 64.0),  # ... but a second threshold too close: every other entry drawn
+    "no-second-stage": (-1.5, 0.0, 7.0, 0.0),  # ... its far walk over budget: every other entry drawn at once
+}
+
+
+@pytest.mark.parametrize("tune", list(FALLBACK_TUNES))
+@pytest.mark.parametrize("kind", ["narrow-dense", "narrow-far", "compaction", "huge-scale"])
+def test_lazy_sampler_fallback_paths_exact(kind: str, tune: str) -> None:
+    """The draws with fewer than k1 exceedances of t0 (rare at the defaults) are exact on each of their paths:
+    forced here in most draws by a t0 set too high, with the path checked by the sampler's own counts, and the
+    mean and per-position frequencies compared with quadrature."""
+    s, k1, eps, _ = _row(kind)
+    draws = 40_000
+    paths = np.zeros(3, np.int64)
+    vals, pos = sample_kth(s[None, :], k1, eps, draws, seed=5, paths=paths, tune=FALLBACK_TUNES[tune])
+    fell_back, second, everything = paths
+    assert fell_back > draws // 2
+    if tune == "second-stage":
+        assert second == fell_back
+    else:  # every other entry drawn in many draws (when the second stage was too short, or skipped)
+        assert everything > draws // 4 and everything >= fell_back - second
     mean, probs = _exact_kth(s, k1, eps)
     assert abs(vals.mean() - mean) < 4.5 * vals.std() / math.sqrt(draws) + 1e-9 * max(1.0, abs(mean))
     counts = np.bincount(pos[0], minlength=len(s))
