@@ -285,7 +285,7 @@ G2MEM = 1 << 17  # … when G2·n slots fit in this many (fewer buckets then: 13
 FULLSORT = 4  # rows with at least n / FULLSORT near entries sort all their entries by bucket
 DB = 8  # draws sampled together (one pass over the buckets per block of DB draws)
 TARGET_SD, TARGET_ADD = 1.5, 0.5  # t0's expected exceedances: k1 + TARGET_SD·√k1 + TARGET_ADD
-# (these three only steer the speed; the tests pass extreme values to force the fallback's every path)
+# (these two, SHIFT_EXTRA and FARHITS only steer the speed; the tests pass extreme values to force every path)
 QB = 0.25  # buckets with q ≥ QB draw every entry's normal; sparser ones skip by exponential gaps
 
 
@@ -347,6 +347,14 @@ def _take_below(row, i, eps, t0, lp, pg, j, c, vals, idx, st):  # type: ignore[n
     return st, c
 
 
+def _walk(st, p, ih, size):  # type: ignore[no-untyped-def]
+    """(state, the next hit at or after position p of a Poisson walk with 1/hazard ih over positions < size;
+    size when there is none)."""
+    st, e = _exp_jit(st)
+    f = e * ih
+    return st, (p + int(f) if f < size - p else size)
+
+
 SHIFT_EXTRA = 7.0  # the second threshold of a fallback expects this many more exceedances than t0
 FARHITS = 64.0  # the second stage runs when its far walk expects at most this many hits
 _TUNE = np.array([TARGET_SD, TARGET_ADD, SHIFT_EXTRA, FARHITS])
@@ -383,29 +391,19 @@ def _refill(row, eps, t0, w, rf, lshift, k1, j, cj, vals, idx, mark, code, gnear
             pg = -math.expm1(-h2)
             ng = b_size[u]
             base = b_start[u]
-            p = 0
-            while True:
-                st, e = _exp_jit(st)
-                f = e * ih2
-                if not f < ng - p:
-                    break
-                p += int(f)
+            st, p = _walk_jit(st, 0, ih2, ng)
+            while p < ng:
                 i = lst[base + p]
-                p += 1
                 if not mark[i]:
                     st, c2 = _take_below_jit(row, i, eps, t0, lp, pg, j, c2, vals, idx, st)
+                st, p = _walk_jit(st, p + 1, ih2, ng)
         if nnear < n:
             ihf = 1.0 / hfar
-            p = 0
-            while True:
-                st, e = _exp_jit(st)
-                f = e * ihf
-                if not f < n - p:
-                    break
-                p += int(f)
+            st, p = _walk_jit(st, 0, ihf, n)
+            while p < n:
                 if code[p] >= gnear and not mark[p]:
                     st, c2 = _take_below_jit(row, p, eps, t0, lp, pfar, j, c2, vals, idx, st)
-                p += 1
+                st, p = _walk_jit(st, p + 1, ihf, n)
     if c2 - cj >= need:
         pos = cj + _select_jit(vals, idx, j, cj, c2 - cj, need)
     else:  # every other entry, drawn below tcut
@@ -655,7 +653,7 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx, tune, paths)
                     out_val[b, jb + j] = vals[j, r]
                     out_idx[b, jb + j] = idx[j, r]
                     continue
-                # fallback: fewer than k1 exceedances (rare); the others are found below t0 by _refill
+                # fallback: fewer than k1 exceedances (a few per cent of draws); the rest is found below t0 by _refill
                 if lshift < 0:  # the row's first fallback
                     lshift = _shift_jit(hist, cum, gmax, j0, rf, mid, tune[2])
                 paths[0] += 1
@@ -720,6 +718,7 @@ _bound_jit = _bound
 _tn_between_jit = _tn_between
 _shift_jit = _shift
 _take_below_jit = _take_below
+_walk_jit = _walk
 _refill_jit = _refill
 fill_tables_jit = fill_tables
 _rows_jit = _rows
@@ -773,8 +772,8 @@ def _prefetch_intrinsic():  # type: ignore[no-untyped-def]
             ary = context.make_array(signature.args[0])(context, builder, args[0])
             ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [args[1], args[2]])
             i32 = ir.IntType(32)
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]),
-                                                "llvm.prefetch.p0")
+            fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
             builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
             return context.get_dummy_value()
 
@@ -796,7 +795,8 @@ def _kernel():  # type: ignore[no-untyped-def]
                          ("_exp_jit", _exponential), ("_tn_above_jit", _tn_above)):
             g[name] = inline(fn)
         for name, fn in (("_select_jit", _select), ("_expected_jit", _expected), ("_bound_jit", _bound),
-                         ("_tn_between_jit", _tn_between), ("_take_below_jit", _take_below)):
+                         ("_tn_between_jit", _tn_between), ("_take_below_jit", _take_below),
+                         ("_walk_jit", _walk)):
             g[name] = inline(fn)
         g["_prefetch_jit"] = _prefetch_intrinsic()
         g["_as_float32_jit"] = _as_float32_intrinsic()
