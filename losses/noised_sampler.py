@@ -311,20 +311,25 @@ def _tn_between(lo, hi, st):  # type: ignore[no-untyped-def]
             return st, sign * z
 
 
-def _shift(hist, cum, gmax, j0, rf, mid, extra):  # type: ignore[no-untyped-def]
-    """Smallest L in 1..rf·DFAR whose threshold t0 − L·Δ/rf has at least `extra` more expected exceedances
-    than t0 (rf·DFAR, i.e. 3 ε, when none has)."""
-    base = _expected_jit(hist, cum, gmax, j0, rf, mid) + extra
-    lo, hi = 0, rf * DFAR
-    if _expected_jit(hist, cum, gmax, j0 + hi, rf, mid) < base:
-        return hi
+def _reach(hist, cum, gmax, rf, mid, start, unit, lo, hi, value):  # type: ignore[no-untyped-def]
+    """Smallest u in (lo, hi] whose threshold j = start + u·unit (in steps of Δ/rf) expects at least `value`
+    exceedances, by bisection (the count grows as the threshold falls); needs E(lo) < value ≤ E(hi)."""
     while hi - lo > 1:
         md = (lo + hi) // 2
-        if _expected_jit(hist, cum, gmax, j0 + md, rf, mid) >= base:
+        if _expected_jit(hist, cum, gmax, start + md * unit, rf, mid) >= value:
             hi = md
         else:
             lo = md
     return hi
+
+
+def _shift(hist, cum, gmax, j0, rf, mid, extra):  # type: ignore[no-untyped-def]
+    """Smallest L in 1..rf·DFAR whose threshold t0 − L·Δ/rf has at least `extra` more expected exceedances
+    than t0 (rf·DFAR, i.e. 3 ε, when none has)."""
+    base = _expected_jit(hist, cum, gmax, j0, rf, mid) + extra
+    if _expected_jit(hist, cum, gmax, j0 + rf * DFAR, rf, mid) < base:
+        return rf * DFAR
+    return _reach_jit(hist, cum, gmax, rf, mid, j0, 1, 0, rf * DFAR, base)
 
 
 def _take_below(row, i, eps, t0, lp, pg, j, c, vals, idx, st):  # type: ignore[no-untyped-def]
@@ -523,13 +528,7 @@ def _rows(s, k1, eps, seed, q0, haz0, lam0, mid0, out_val, out_idx, tune, paths)
         else:
             if _expected_jit(hist, cum, gmax, lo * unit, rf, mid) >= target:
                 lo = -DUP * rf // unit
-            while hi - lo > 1:
-                mdl = (lo + hi) // 2
-                if _expected_jit(hist, cum, gmax, mdl * unit, rf, mid) >= target:
-                    hi = mdl
-                else:
-                    lo = mdl
-            j0 = hi * unit
+            j0 = _reach_jit(hist, cum, gmax, rf, mid, 0, unit, lo, hi, target) * unit
         t0 = m - j0 * delta / rf  # bucket g's top edge lies a_g = (rf·g − j0)·w/rf (in ε) below t0
         gnear = min(gmax + 1, max(-((-j0 - rf * DFAR) // rf), 0))  # buckets with a_g < DFAR·w walk on their own
         tfar = rf * (DFAR - DMIN)  # the table entry of a = DFAR·w, the bound of the shared far walk
@@ -717,6 +716,7 @@ _expected_jit = _expected
 _bound_jit = _bound
 _tn_between_jit = _tn_between
 _shift_jit = _shift
+_reach_jit = _reach
 _take_below_jit = _take_below
 _walk_jit = _walk
 _refill_jit = _refill
@@ -796,7 +796,7 @@ def _kernel():  # type: ignore[no-untyped-def]
             g[name] = inline(fn)
         for name, fn in (("_select_jit", _select), ("_expected_jit", _expected), ("_bound_jit", _bound),
                          ("_tn_between_jit", _tn_between), ("_take_below_jit", _take_below),
-                         ("_walk_jit", _walk)):
+                         ("_walk_jit", _walk), ("_reach_jit", _reach)):
             g[name] = inline(fn)
         g["_prefetch_jit"] = _prefetch_intrinsic()
         g["_as_float32_jit"] = _as_float32_intrinsic()
